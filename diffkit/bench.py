@@ -1,0 +1,221 @@
+"""Benchmarks: ``python -m diffkit.bench NAME`` prints timings and records them in benchmarks/.
+
+Speed is measured here, never asserted in tests. Each comparison runs its baseline in the same
+process, on the same model and inputs, and is reported as a ratio, so the figure means the same
+on a laptop and on CI. Names: ``train`` (training throughput of the chapter-1 recipes) and
+``ddpm-sampling`` (the 1000-step ancestral loop with ``ddpm.p_step`` vs diffusers'
+``DDPMScheduler`` loop on the same network) and ``samplers`` (Euler, Euler-ancestral, Heun,
+DPM-Solver++(2M) and DDIM at equal NFE vs diffusers' scheduler loops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import checkpoints, config, data, ddpm, nets, recipes
+from .schedules import make_schedule
+from .train import train
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHES: dict[str, Callable] = {}
+
+
+def bench(fn):
+    BENCHES[fn.__name__.replace("_", "-")] = fn
+    return fn
+
+
+def timed(fn: Callable, repeats: int = 3) -> float:
+    """Best wall time of ``repeats`` calls (the least disturbed by other work on the machine)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@bench
+def train_throughput(device: torch.device, quick: bool) -> dict:
+    """Optimiser steps per second of the toy2d and digits recipes' models and batch sizes."""
+    steps = 20 if quick else 200
+    schedule = make_schedule("linear")
+    cases = {
+        "toy2d-ddpm": (nets.MLPDenoiser(dim=2, width=256, depth=4),
+                       data.toy2d("ring8", 4096, generator=torch.Generator().manual_seed(0)), 512),
+        "digits-ddpm": (nets.UNet(**recipes.DIGITS_UNET), data.digits("train")[0], 128),
+    }
+    out = {}
+    for name, (model, points, batch) in cases.items():
+        seconds = timed(lambda: train(model, recipes.ddpm_loss(schedule), points, steps=steps,
+                                      batch_size=batch, device=device, progress=False), 1)
+        out[name] = {"steps_per_second": steps / seconds, "examples_per_second": steps * batch / seconds,
+                     "batch_size": batch, "projected_recipe_minutes":
+                     recipes.RECIPES[name].steps / (steps / seconds) / 60}
+    return out
+
+
+def _digits_model(device) -> torch.nn.Module:
+    try:
+        model, _ = checkpoints.load_model("digits-ddpm", device=device)
+    except ValueError:  # no checkpoint yet: timing does not depend on the weights
+        model = nets.UNet(**recipes.DIGITS_UNET).to(device).eval()
+    return model
+
+
+@bench
+def ddpm_sampling(device: torch.device, quick: bool) -> dict:
+    """The ancestral loop: diffkit's ``p_step`` vs ``DDPMScheduler.step``, same model and batch."""
+    from diffusers import DDPMScheduler
+
+    batch, T = (16, 100) if quick else (64, 1000)
+    schedule = make_schedule("linear", T)
+    table = schedule.to(device=device, dtype=torch.float32)
+    scheduler = DDPMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample=False)
+    scheduler.set_timesteps(T)
+    shape = (batch, 1, 8, 8)
+    unet = _digits_model(device)
+    models = {"unet": unet, "zero": lambda x, t: torch.zeros_like(x)}
+    out = {}
+    for model_name, model in models.items():
+        @torch.no_grad()
+        def ours():
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(shape, generator=g).to(device)
+            for step in reversed(range(T)):
+                t = torch.full((batch,), step, device=device)
+                noise = torch.randn(shape, generator=g).to(device)
+                x = ddpm.p_step(table, model(x, t), x, t, noise)
+            return x
+
+        @torch.no_grad()
+        def theirs():
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(shape, generator=g).to(device)
+            for step in scheduler.timesteps:
+                t = torch.full((batch,), int(step), device=device)
+                x = scheduler.step(model(x, t), step, x, generator=g).prev_sample
+            return x
+
+        repeats = 1 if (model_name == "unet" and not quick) else 3
+        a, b = timed(ours, repeats), timed(theirs, repeats)
+        out[model_name] = {"diffkit_seconds": a, "diffusers_seconds": b, "ratio_diffkit_over_diffusers": a / b,
+                           "batch": batch, "steps": T}
+    return out
+
+
+@bench
+def samplers(device: torch.device, quick: bool) -> dict:
+    """Time per image of each sampler at equal NFE: diffkit's sampler vs diffusers' scheduler loop.
+
+    Same network (the digits UNet; ``zero``, a model returning zeros, isolates the per-step
+    overhead), same start noise, "trailing" timesteps (where tests/test_samplers.py shows parity);
+    the two loops run alternately, best of 5 each.
+    Heun spends 2 evaluations per step but 1 on the last, so it gets 19 where the others get 20.
+    ``max_abs_diff`` (UNet only) checks that both loops computed the same samples.
+    """
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler,
+                           EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                           HeunDiscreteScheduler)
+
+    from .samplers import (EpsDenoiser, sample_ddim, sample_dpmpp_2m, sample_euler,
+                           sample_euler_ancestral, sample_heun, spaced_timesteps)
+
+    batch, nfe = (16, 10) if quick else (200, 20)
+    schedule = make_schedule("linear")
+    config_ = dict(num_train_timesteps=schedule.T, beta_schedule="linear", beta_start=1e-4,
+                   beta_end=0.02, timestep_spacing="trailing")
+    cases = {  # name: (diffkit sampler, diffusers scheduler, extra config, steps, sigma space?)
+        "euler": (sample_euler, EulerDiscreteScheduler, {}, nfe, True),
+        "euler_ancestral": (sample_euler_ancestral, EulerAncestralDiscreteScheduler, {}, nfe, True),
+        "heun": (sample_heun, HeunDiscreteScheduler, {}, nfe // 2, True),
+        "dpmpp_2m": (sample_dpmpp_2m, DPMSolverMultistepScheduler,
+                     dict(algorithm_type="dpmsolver++", solver_order=2), nfe, False),
+        "ddim": (sample_ddim, DDIMScheduler, dict(clip_sample=False), nfe, False),
+    }
+    shape = (batch, 1, 8, 8)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    unet = _digits_model(device)
+    models = {"unet": unet, "zero": lambda x, t: torch.zeros_like(x)}
+    out = {}
+    for model_name, model in models.items():
+        for name, (sampler, cls, extra, steps, sigma_space) in cases.items():
+            denoiser = EpsDenoiser(model, schedule.alphas_cumprod)
+            sigmas = denoiser.sigmas_for_timesteps(spaced_timesteps(steps, schedule.T, "trailing"))
+            sigmas = sigmas.to(device)
+            scheduler = cls(**config_, **extra)
+            calls = []
+
+            def counted(x, t):
+                calls.append(1)
+                return model(x, t.reshape(-1).expand(x.shape[0]).to(x.device))
+
+            @torch.no_grad()
+            def ours():
+                return sampler(denoiser, noise * sigmas[0].float(), sigmas,
+                               generator=torch.Generator().manual_seed(1))
+
+            @torch.no_grad()
+            def theirs():
+                scheduler.set_timesteps(steps)   # a pipeline call resets the scheduler's state
+                g = torch.Generator().manual_seed(1)
+                kw = {"generator": g} if name == "euler_ancestral" else {}
+                if sigma_space:   # k-diffusion-style schedulers: x is x_sigma
+                    x = noise * scheduler.init_noise_sigma
+                    for t in scheduler.timesteps:
+                        eps = counted(scheduler.scale_model_input(x, t), t)
+                        x = scheduler.step(eps, t, x, **kw).prev_sample
+                    return x
+                x = noise * sigmas[0].float() / (1 + sigmas[0].float() ** 2) ** 0.5   # x_t
+                for t in scheduler.timesteps:
+                    x = scheduler.step(counted(x, t), t, x, **kw).prev_sample
+                return x
+
+            ours(), theirs()                 # warm-up (first calls of a shape are slow)
+            calls.clear()
+            a = b = float("inf")
+            for _ in range(5):               # interleaved, best of 5: fair under a varying load
+                a, b = min(a, timed(ours, 1)), min(b, timed(theirs, 1))
+            figures = {"nfe": len(calls) // 5, "batch": batch,
+                       "diffkit_ms_per_image": 1e3 * a / batch,
+                       "diffusers_ms_per_image": 1e3 * b / batch,
+                       "ratio_diffkit_over_diffusers": a / b}
+            if model_name == "unet":
+                figures["max_abs_diff"] = float((ours() - theirs()).abs().max())
+            out[f"{model_name}/{name}"] = figures
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diffkit.bench", description=__doc__)
+    parser.add_argument("name", choices=sorted(BENCHES) + ["all"])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    parser.add_argument("--no-record", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    device = config.device()
+    names = sorted(BENCHES) if args.name == "all" else [args.name]
+    for name in names:
+        figures = BENCHES[name](device, args.quick)
+        record = {"bench": name, "quick": args.quick, "device": str(device),
+                  "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+                  else platform.processor() or platform.machine(),
+                  "threads": torch.get_num_threads(), "torch": torch.__version__,
+                  "date": time.strftime("%Y-%m-%d"), "figures": figures}
+        print(json.dumps(record, indent=2))
+        if not args.no_record and not args.quick:
+            RESULTS.mkdir(exist_ok=True)
+            suffix = "" if device.type == "cpu" else f"-{device.type}"
+            (RESULTS / f"{name}{suffix}.json").write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -1,0 +1,111 @@
+"""Checkpoints: a folder with ``model.safetensors`` and ``card.json``, written atomically.
+
+The card records the recipe, seed, steps, wall time, device, library versions, the model's
+class and constructor arguments, and the quality figures measured when it was trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def checkpoint_dir(name: str, root: str | os.PathLike | None = None) -> Path:
+    """checkpoints/NAME (or ROOT/NAME under another root)."""
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"checkpoint name must be a plain folder name, got {name!r}")
+    return (Path(root) if root is not None else ROOT) / name
+
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "diffusers", "transformers", "numpy"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def save(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], card: dict) -> Path:
+    """Write ``folder/model.safetensors`` and ``folder/card.json`` all at once.
+
+    Both files go to a temporary sibling folder which then replaces ``folder``, so a crash
+    leaves either the old checkpoint or the new one, never half of each.
+    """
+    folder = Path(folder)
+    if not tensors:
+        raise ValueError("nothing to save: tensors is empty")
+    try:
+        json.dumps(card)
+    except TypeError as error:
+        raise ValueError(f"card must be JSON-serialisable: {error}") from None
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                  str(tmp / "model.safetensors"))
+        (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+        for path in (tmp, tmp / "model.safetensors", tmp / "card.json"):  # mkdtemp makes 0700
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        old = folder.with_name(folder.name + ".old")
+        if folder.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(folder, old)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if old.exists() and not folder.exists():
+                os.replace(old, folder)  # put the previous checkpoint back
+            raise
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return folder
+
+
+def load(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read (tensors, card) from a checkpoint folder."""
+    folder = Path(folder)
+    weights, card = folder / "model.safetensors", folder / "card.json"
+    if not weights.exists() or not card.exists():
+        raise ValueError(f"{folder} is not a checkpoint: expected model.safetensors and card.json "
+                         f"(train it with `python -m diffkit.train {folder.name}`)")
+    return load_file(str(weights)), json.loads(card.read_text())
+
+
+def build_model(card: dict) -> torch.nn.Module:
+    """Instantiate the network class named in ``card['model']`` with its saved arguments."""
+    from . import metrics, nets
+
+    classes = {"MLPDenoiser": nets.MLPDenoiser, "UNet": nets.UNet,
+               "DigitsJudge": metrics.DigitsJudge}
+    spec = card.get("model", {})
+    if spec.get("class") not in classes:
+        raise ValueError(f"card names unknown model class {spec.get('class')!r}; "
+                         f"expected one of {sorted(classes)}")
+    return classes[spec["class"]](**spec.get("kwargs", {}))
+
+
+def load_model(name: str, *, root=None, device=None) -> tuple[torch.nn.Module, dict]:
+    """Load the EMA weights of checkpoint NAME into a fresh model, in eval mode."""
+    tensors, card = load(checkpoint_dir(name, root))
+    model = build_model(card)
+    model.load_state_dict(tensors)
+    return model.to(device or "cpu").eval(), card

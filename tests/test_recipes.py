@@ -1,0 +1,140 @@
+"""diffkit.recipes and ``python -m diffkit.train``: cards, the CLI, the shipped checkpoints."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffkit import checkpoints, recipes, train
+
+NAMES = ("digits-judge", "toy2d-ddpm", "digits-ddpm")
+CARD_KEYS = {"recipe", "seed", "steps", "train_seconds", "device", "versions", "model", "measured"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _env():
+    # one thread: faster on a shared 2-core machine; cpu: never pick up a GPU in a smoke test
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DIFFKIT_DEVICE": "cpu"}
+
+
+def test_registry():
+    assert set(NAMES) <= set(recipes.RECIPES)
+    for name in NAMES:
+        spec = recipes.RECIPES[name]
+        assert spec.name == name and spec.steps > 0 and spec.description
+
+
+def test_run_toy2d_writes_a_card(tmp_path, monkeypatch):
+    # the full quality measurement samples 2000 points through 1000 steps (~1 min on 2 cores);
+    # the card's structure is the same with fewer points
+    monkeypatch.setattr(recipes, "toy2d_quality",
+                        functools.partial(recipes.toy2d_quality, n=64))
+    card = recipes.run("toy2d-ddpm", root=tmp_path, steps=30, progress=False, device="cpu")
+    assert CARD_KEYS <= card.keys()
+    assert card["recipe"] == "toy2d-ddpm" and card["steps"] == 30 and card["seed"] == recipes.SEED
+    assert card["device"] == "cpu" and card["train_seconds"] >= 0
+    assert "torch" in card["versions"]
+    assert card["model"]["class"] == "MLPDenoiser"
+    assert {"sliced_w2", "sliced_w2_floor", "ratio", "n"} <= card["measured"].keys()
+    assert card["measured"]["n"] == 64
+    assert card["measured"]["ratio"] == pytest.approx(
+        card["measured"]["sliced_w2"] / card["measured"]["sliced_w2_floor"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy2d-ddpm"]  # no .state file left
+    assert json.loads((tmp_path / "toy2d-ddpm" / "card.json").read_text()) == card
+    model, _ = checkpoints.load_model("toy2d-ddpm", root=tmp_path)
+    assert model(torch.zeros(2, 2), torch.tensor([0, 1])).shape == (2, 2)
+
+
+def test_unknown_recipe_and_bad_steps(tmp_path):
+    with pytest.raises(ValueError, match="unknown recipe"):
+        recipes.run("toy3d", root=tmp_path)
+    with pytest.raises(ValueError, match="steps"):
+        recipes.run("toy2d-ddpm", root=tmp_path, steps=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_needs_a_recipe(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([])
+    assert exit_info.value.code == 2
+    assert train.main(["--list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in NAMES)
+
+
+def test_cli_list_subprocess():
+    done = subprocess.run([sys.executable, "-m", "diffkit.train", "--list"], env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    listed = [line.split()[0] for line in done.stdout.splitlines() if line.strip()]
+    assert set(NAMES) <= set(listed)
+
+
+def test_cli_smoke_run(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "diffkit.train", "digits-judge", "--steps", "20",
+                           "--out", str(tmp_path)], env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    card = json.loads(done.stdout)
+    assert card["recipe"] == "digits-judge" and card["steps"] == 20
+    assert 0 <= card["measured"]["test_accuracy"] <= 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits-judge"]
+    saved = json.loads((tmp_path / "digits-judge" / "card.json").read_text())
+    assert saved == card
+
+
+def _shipped_card(name):
+    path = checkpoints.ROOT / name / "card.json"
+    if not path.exists():
+        pytest.skip(f"checkpoints/{name} not trained yet (python -m diffkit.train {name})")
+    return json.loads(path.read_text())
+
+
+def test_shipped_toy2d_quality_bar():
+    card = _shipped_card("toy2d-ddpm")
+    assert card["recipe"] == "toy2d-ddpm" and CARD_KEYS <= card.keys()
+    # the sample distance is within 2x of what two true sample sets already differ by
+    assert card["measured"]["ratio"] <= 2.0
+    assert card["steps"] == recipes.RECIPES["toy2d-ddpm"].steps
+
+
+def test_shipped_judge_accuracy():
+    card = _shipped_card("digits-judge")
+    assert CARD_KEYS <= card.keys()
+    assert card["measured"]["test_accuracy"] >= 0.97
+    assert card["steps"] == recipes.RECIPES["digits-judge"].steps
+
+
+def test_shipped_digits_ddpm_quality():
+    card = _shipped_card("digits-ddpm")
+    assert CARD_KEYS <= card.keys()
+    assert card["measured"]["confident_fraction"] >= 0.9
+    assert card["measured"]["classes_present"] == 10
+
+
+def test_shipped_files_are_small_safetensors():
+    root = checkpoints.ROOT
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp"))
+    assert folders, "no shipped checkpoints found"
+    for folder in folders:
+        weights = sorted(folder.rglob("*.safetensors"))
+        assert weights, f"{folder} holds no safetensors weights"
+        for path in weights:
+            assert path.stat().st_size < 16 * 2 ** 20, f"{path} is over 16 MiB"
+        leftovers = [p.name for p in folder.rglob("*") if p.name.endswith((".tmp", ".old"))]
+        assert leftovers == [], f"half-written files in {folder}"
+    # (a NAME.state.safetensors next to the folders is a training in progress, not shipped)
+    pickles = [p for p in root.rglob("*") if p.suffix in {".pt", ".pth", ".pkl", ".pickle",
+                                                          ".bin", ".ckpt"}]
+    assert pickles == [], "weights must be safetensors only"
