@@ -11,12 +11,6 @@ from diffkit.metrics import DigitsJudge
 from diffkit.nets import MLPDenoiser, UNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _tensors(seed=0):

@@ -12,12 +12,6 @@ from diffkit.data import digits
 from diffkit.metrics import DigitsJudge, frechet_distance, sliced_wasserstein
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _gen(seed):

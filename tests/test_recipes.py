@@ -15,12 +15,6 @@ NAMES = ("digits-judge", "toy2d-ddpm", "digits-ddpm")
 CARD_KEYS = {"recipe", "seed", "steps", "train_seconds", "device", "versions", "model", "measured"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _env():

@@ -17,13 +17,6 @@ SCHEDULE = make_schedule("linear", 100)
 POINTS = torch.randn(256, 2, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny ops on a shared 2-core machine are several times faster on one thread
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def ddpm_loss(model, batch, generator):
