@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import re
+
 import matplotlib.pyplot as plt
 import torch
 from matplotlib import animation
+
+# matplotlib's player draws its buttons with Font Awesome icons loaded from a CDN; the book is
+# read offline, so the icons become plain characters and the stylesheet link is dropped
+_BUTTON_TEXT = {"fa-minus": "&minus;", "fa-fast-backward": "&#x23EE;", "fa-step-backward": "&#x25C1;",
+                "fa-play fa-flip-horizontal": "&#x25C0;", "fa-pause": "&#x23F8;", "fa-play": "&#x25B6;",
+                "fa-step-forward": "&#x25B7;", "fa-fast-forward": "&#x23ED;", "fa-plus": "+"}
+
+
+def _offline_player(html: str) -> str:
+    """Make matplotlib's jshtml self-contained: no CDN stylesheet, first frame in the <img>."""
+    html = re.sub(r"<link[^>]*font-awesome[^>]*>", "", html)
+    for icon, text in _BUTTON_TEXT.items():
+        html = html.replace(f'<i class="fa {icon}"></i>', text)
+    first = re.search(r'frames\[0\] = "(data:image/[a-z]+;base64,[^"]+)"', html)
+    if first is not None:  # the player fills the <img> from JS; give it the first frame too
+        html = re.sub(r'<img id="(_anim_img[0-9a-f]+)">', rf'<img id="\1" src="{first.group(1)}">',
+                      html, count=1)
+    return html
 
 
 def image_grid(ax, images: torch.Tensor, nrow: int = 10, *, title: str | None = None):
@@ -49,6 +69,6 @@ def scatter_animation(frames: list[torch.Tensor], labels: list[str], *, referenc
         return points, title
 
     anim = animation.FuncAnimation(fig, draw, frames=len(frames), interval=interval, blit=False)
-    html = anim.to_jshtml(default_mode="once")
+    html = _offline_player(anim.to_jshtml(default_mode="once"))
     plt.close(fig)
     return html
