@@ -196,3 +196,8 @@ def remeasure(name: str, *, root=None, device=None) -> dict:
     card["measured_on"] = _device_name(device)
     checkpoints.save(folder, tensors, card)
     return card
+
+
+# Recipes of later chapters live beside the modules they train and register themselves here
+# (imported last: they use ``recipe`` and the helpers above).
+from . import recipes_schedules, recipes_guidance, recipes_shapes  # noqa: E402,F401

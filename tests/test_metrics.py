@@ -145,3 +145,12 @@ def test_shipped_judge_on_real_and_noise(shipped_judge):
     train_x = digits("train")[0][:360]
     other = metrics.judge_report(shipped_judge, train_x)
     assert other["frechet"] < 3 * other["frechet_floor"]  # real digits sit near the floor
+
+
+def test_mean_pairwise_distance_known_values_and_errors():
+    from diffkit.metrics import mean_pairwise_distance
+    # three points on a line at 0, 1, 3: distances 1, 3, 2 -> mean 2
+    assert mean_pairwise_distance(torch.tensor([[0.0], [1.0], [3.0]])) == pytest.approx(2.0)
+    assert mean_pairwise_distance(torch.ones(5, 4)) == 0.0   # a collapsed set has no diversity
+    with pytest.raises(ValueError, match="N >= 2"):
+        mean_pairwise_distance(torch.ones(1, 4))
