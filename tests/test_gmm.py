@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from diffkit.gmm import GaussianMixture
 from diffkit.samplers import sample_dpmpp_2m, sample_euler, sample_heun, sigmas_karras
+from diffkit.solvers_eval import error_at_sigma_min, loglog_slope
 
 F64 = torch.float64
 MEANS = [[-2.0, 0.0], [2.0, 1.0], [0.0, 2.0]]
@@ -185,36 +185,10 @@ def test_ode_transports_noised_marginal_to_data(gmm):
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
-class CountingDenoiser:
-    """Counts every denoiser evaluation (NFE)."""
-
-    def __init__(self, denoiser):
-        self.denoiser, self.nfe = denoiser, 0
-
-    def __call__(self, x, sigma):
-        self.nfe += 1
-        return self.denoiser(x, sigma)
-
-
 @pytest.fixture(scope="module")
 def ode_problem(gmm):
     x = torch.randn(64, 2, dtype=F64, generator=torch.Generator().manual_seed(5)) * SIGMA_MAX
     return x, gmm.ode_reference(x, [SIGMA_MAX, SIGMA_MIN])
-
-
-def error_at_sigma_min(sampler, gmm, x, ref, n):
-    """RMS error to the reference at sigma_min and the NFE spent to get there.
-
-    Samplers run on sigmas_karras(n, 0.002, 80) (+ the final 0); the callback of the last step
-    sees the state at sigma_min; the one evaluation that step has made (for the jump to 0) is not
-    counted."""
-    counted, seen = CountingDenoiser(gmm), {}
-
-    def callback(info):
-        if info["sigma_next"] == 0:
-            seen["x"], seen["nfe"] = info["x"], counted.nfe - 1
-    sampler(counted, x.clone(), sigmas_karras(n, SIGMA_MIN, SIGMA_MAX), callback=callback)
-    return seen["nfe"], (seen["x"] - ref).norm(dim=1).pow(2).mean().sqrt().item()
 
 
 NS = (16, 32, 64, 128, 256, 512)
@@ -227,9 +201,10 @@ NS = (16, 32, 64, 128, 256, 512)
 ], ids=["euler", "heun", "dpmpp_2m"])
 def test_convergence_order_on_mixture(gmm, ode_problem, sampler, nfe_per_step, lo, hi):
     x, ref = ode_problem
-    nfe, err = zip(*(error_at_sigma_min(sampler, gmm, x, ref, n) for n in NS))
+    nfe, err = zip(*(error_at_sigma_min(sampler, gmm, x, ref, sigmas_karras(n, SIGMA_MIN, SIGMA_MAX))
+                     for n in NS))
     assert list(nfe) == [nfe_per_step * (n - 1) for n in NS]            # honest NFE count
-    slope = np.polyfit(np.log(nfe), np.log(err), 1)[0]
+    slope = loglog_slope(nfe, err)
     print(f"ORDER {sampler.__name__}: NFE {nfe} RMS error {['%.1e' % e for e in err]} "
           f"slope {slope:.3f}")
     assert lo <= slope <= hi, slope
