@@ -91,16 +91,29 @@ def load(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def build_model(card: dict) -> torch.nn.Module:
-    """Instantiate the network class named in ``card['model']`` with its saved arguments."""
-    from . import metrics, nets
+    """Instantiate the network class named in ``card['model']`` with its saved arguments.
 
-    classes = {"MLPDenoiser": nets.MLPDenoiser, "UNet": nets.UNet,
-               "DigitsJudge": metrics.DigitsJudge}
+    The card names the class and the diffkit module that defines it (``module``; cards written
+    before later chapters existed omit it and name one of the chapter-1 classes). Only modules of
+    this package are imported, so a card cannot make us import arbitrary code.
+    """
+    import importlib
+
     spec = card.get("model", {})
-    if spec.get("class") not in classes:
-        raise ValueError(f"card names unknown model class {spec.get('class')!r}; "
-                         f"expected one of {sorted(classes)}")
-    return classes[spec["class"]](**spec.get("kwargs", {}))
+    module_name = spec.get("module") or LEGACY_MODULES.get(spec.get("class"))
+    if not isinstance(module_name, str) or not (module_name == __package__
+                                                or module_name.startswith(__package__ + ".")):
+        raise ValueError(f"card names unknown model class {spec.get('class')!r} (module "
+                         f"{module_name!r}); expected a class of a {__package__} module, e.g. one "
+                         f"of {sorted(LEGACY_MODULES)}")
+    cls = getattr(importlib.import_module(module_name), spec["class"], None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise ValueError(f"{module_name} has no model class {spec['class']!r}")
+    return cls(**spec.get("kwargs", {}))
+
+
+LEGACY_MODULES = {"MLPDenoiser": "diffkit.nets", "UNet": "diffkit.nets",
+                  "DigitsJudge": "diffkit.metrics"}
 
 
 def load_model(name: str, *, root=None, device=None) -> tuple[torch.nn.Module, dict]:

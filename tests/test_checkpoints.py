@@ -135,6 +135,18 @@ def test_build_model_unknown_class(card):
         checkpoints.build_model(card)
 
 
+def test_build_model_from_named_module_only_inside_the_package():
+    card = {"model": {"class": "UNet", "module": "diffkit.nets",
+                      "kwargs": dict(in_channels=1, base_channels=8, channel_mults=[1])}}
+    assert type(checkpoints.build_model(card)) is UNet
+    for module, cls, match in [("os", "system", "unknown model class"),
+                               ("diffkitx.nets", "UNet", "unknown model class"),
+                               ("diffkit.nets", "timestep_embedding", "no model class"),
+                               ("diffkit.nets", "Missing", "no model class")]:
+        with pytest.raises(ValueError, match=match):
+            checkpoints.build_model({"model": {"class": cls, "module": module}})
+
+
 def test_library_versions():
     versions = checkpoints.library_versions()
     assert {"python", "torch", "numpy"} <= versions.keys()
