@@ -72,3 +72,10 @@ def digits(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         chosen = np.sort(train_index if split == "train" else test_index)
         images, labels = images[chosen], labels[chosen]
     return torch.from_numpy(images)[:, None], torch.from_numpy(labels)
+
+
+def shapes(n: int, *, size: int = 32, seed: int = 0, **options):
+    """The captioned-shapes world (``diffkit.shapes.make_shapes``): images, captions, masks, edges."""
+    from .shapes import make_shapes
+
+    return make_shapes(n, size=size, seed=seed, **options)

@@ -201,4 +201,4 @@ def remeasure(name: str, *, root=None, device=None) -> dict:
 
 # Recipes of later chapters live beside the modules they train and register themselves here
 # (imported last: they use ``recipe`` and the helpers above).
-from . import recipes_schedules, recipes_guidance, recipes_shapes  # noqa: E402,F401
+from . import recipes_blip, recipes_guidance, recipes_schedules, recipes_shapes  # noqa: E402,F401
