@@ -1,4 +1,5 @@
-"""Data made or shipped locally: 2-D toy distributions and sklearn's 8x8 digits in [-1, 1]."""
+"""Data made or shipped locally: 2-D toy distributions, sklearn's 8x8 digits in [-1, 1], and the
+procedural captioned-shapes world (`shapes`, defined in :mod:`diffkit.shapes`)."""
 
 from __future__ import annotations
 

@@ -140,3 +140,7 @@ def judge_report(judge: DigitsJudge, samples: torch.Tensor, *, confidence: float
         "diversity": mean_pairwise_distance(sample_f),
         "diversity_real": mean_pairwise_distance(train_f),
     }
+
+
+# The pixel-exact judge of the captioned-shapes world (defined beside the world it reads).
+from .shapes import judge as shapes_judge  # noqa: E402,F401
