@@ -132,3 +132,16 @@ def test_shipped_files_are_small_safetensors():
     pickles = [p for p in root.rglob("*") if p.suffix in {".pt", ".pth", ".pkl", ".pickle",
                                                           ".bin", ".ckpt"}]
     assert pickles == [], "weights must be safetensors only"
+
+
+@pytest.mark.parametrize("name", sorted(recipes.RECIPES))
+def test_every_recipe_ships_a_loadable_checkpoint(name):
+    # each registered recipe has its checkpoint in the repository, trained with the recipe's own
+    # step count, and the card rebuilds the model that the weights fit
+    path = checkpoints.ROOT / name / "card.json"
+    assert path.exists(), f"checkpoints/{name} is missing: python -m diffkit.train {name}"
+    card = json.loads(path.read_text())
+    assert CARD_KEYS <= card.keys() and card["recipe"] == name
+    assert card["steps"] == recipes.RECIPES[name].steps
+    model, _ = checkpoints.load_model(name)
+    assert not model.training
