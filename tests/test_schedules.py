@@ -1,4 +1,5 @@
-"""diffkit.schedules: betas equal diffusers' DDPMScheduler; derived tables; validation."""
+"""diffkit.schedules: betas equal diffusers' DDPMScheduler; derived tables; validation;
+zero terminal SNR equals diffusers' rescale; the Gaussian gap of a reverse step."""
 
 import math
 
@@ -6,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_rescale
 
-from diffkit.schedules import KINDS, Schedule, make_schedule
+from diffkit.schedules import (KINDS, Schedule, make_schedule, rescale_zero_terminal_snr,
+                               reverse_step_gaussian_gap, zero_terminal_snr)
 
 DIFFUSERS = {
     "linear": dict(beta_schedule="linear"),
@@ -113,3 +116,134 @@ def test_check_t():
                 torch.tensor([[1, 2]]), torch.tensor(3), 3, [1, 2], torch.tensor([True])):
         with pytest.raises(ValueError):
             s.check_t(bad)
+
+
+# --- zero terminal SNR (Lin et al. 2024) ------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T", [1000, 50])
+def test_rescale_zero_terminal_snr_equals_diffusers(kind, T):
+    betas = make_schedule(kind, T).betas
+    ours = rescale_zero_terminal_snr(betas)
+    theirs = diffusers_rescale(betas.clone())
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    assert float(ours[-1]) == 1.0  # x_T is pure noise
+    # the first abar is kept, the terminal one is 0, sqrt(abar) is an affine map of the old one
+    abar_old, abar_new = torch.cumprod(1 - betas, 0), torch.cumprod(1 - ours, 0)
+    assert float(abar_new[0]) == pytest.approx(float(abar_old[0]), rel=1e-12)
+    assert float(abar_new[-1]) == 0.0
+    root_new, root_old = abar_new.sqrt(), abar_old.sqrt()
+    slope = (root_new[1:] - root_new[:-1]) / (root_old[1:] - root_old[:-1])
+    torch.testing.assert_close(slope, slope.mean().expand_as(slope), rtol=1e-6, atol=0)
+    assert ours.dtype == betas.dtype and betas is not ours
+
+
+def test_rescale_does_not_modify_its_input():
+    betas = make_schedule("scaled_linear", 20).betas
+    before = betas.clone()
+    rescale_zero_terminal_snr(betas)
+    assert torch.equal(betas, before)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_terminal_snr_schedule(kind):
+    s = make_schedule(kind)
+    z = zero_terminal_snr(s)
+    assert z.kind == kind + "+zsnr" and z.T == s.T
+    exact = rescale_zero_terminal_snr(s.betas)
+    # everything but the last beta is Lin et al.'s; the last is capped at 0.999 as in the cosine
+    torch.testing.assert_close(z.betas[:-1], exact[:-1].clamp(max=0.999))
+    assert float(z.betas[-1]) == pytest.approx(0.999)
+    assert float(z.alphas_cumprod[-1].sqrt()) < 1e-4
+    assert float(z.alphas_cumprod[-1]) < float(s.alphas_cumprod[-1])
+    assert bool(torch.isfinite(z.sigmas).all()) and float(z.snr[-1]) < 1e-8
+    assert bool((z.alphas_cumprod[1:] < z.alphas_cumprod[:-1]).all())
+
+
+def test_zero_terminal_snr_errors():
+    with pytest.raises(ValueError, match="Schedule"):
+        zero_terminal_snr(make_schedule("linear").betas)
+    with pytest.raises(ValueError, match="max_beta"):
+        zero_terminal_snr(make_schedule("linear"), max_beta=1.0)
+    for bad in (torch.tensor([0.1]), torch.tensor([[0.1, 0.2]]), torch.tensor([0.1, 1.0]),
+                torch.tensor([1, 2]), [0.1, 0.2]):
+        with pytest.raises(ValueError):
+            rescale_zero_terminal_snr(bad)
+
+
+# --- the Gaussian gap of one reverse step ------------------------------------------------------
+
+LEVELS = torch.tensor([-1.0, -0.5, 0.25, 1.0], dtype=torch.float64)
+WEIGHTS = torch.tensor([0.4, 0.1, 0.2, 0.3], dtype=torch.float64)
+
+
+def test_gap_is_zero_for_gaussian_reverse_steps():
+    # a point mass: q(x_{t-1} | x_t) is exactly the Gaussian posterior of Ho et al. eq. 7
+    gap = reverse_step_gaussian_gap(make_schedule("linear", 50), torch.tensor([0.3]),
+                                    torch.tensor([1.0]))
+    assert gap.shape == (49,) and float(gap.abs().max()) < 1e-10
+
+
+@pytest.mark.parametrize("t, data_std", [(3, 0.0), (0, 0.05), (2, 0.05)])
+def test_gap_against_brute_force_quadrature(t, data_std):
+    s = make_schedule("linear", 20, beta_start=0.01, beta_end=0.2)
+    gap = float(reverse_step_gaussian_gap(s, LEVELS, WEIGHTS, torch.tensor([t]),
+                                          data_std=data_std, nodes=24)[0])
+    # brute force on a grid: the joint density of (x_{t-1}, x_t), straight from the definitions
+    abar = torch.cat([torch.ones(1, dtype=torch.float64), s.alphas_cumprod])   # abar_{-1} = 1
+    a_prev, beta = abar[t], s.betas[t]
+    m, v = a_prev.sqrt() * LEVELS, a_prev * data_std ** 2 + 1 - a_prev          # law of x_{t-1}
+    x = torch.linspace(-4, 4, 1201, dtype=torch.float64)[:, None, None]       # x_t
+    y = torch.linspace(-4, 4, 4001, dtype=torch.float64)[None, :, None]       # x_{t-1}
+
+    def normal(u, mean, var):
+        return torch.exp(-(u - mean) ** 2 / (2 * var)) / (2 * math.pi * var) ** 0.5
+
+    joint = (WEIGHTS * normal(y, m, v) * normal(x, (1 - beta).sqrt() * y, beta)).sum(-1)
+    dx, dy = float(x[1, 0, 0] - x[0, 0, 0]), float(y[0, 1, 0] - y[0, 0, 0])
+    p_x = joint.sum(1) * dy
+    q = joint / p_x[:, None]
+    y = y[0, :, 0]
+    mean = (q * y).sum(1) * dy
+    var = (q * (y - mean[:, None]) ** 2).sum(1) * dy
+    log_n = (-(y - mean[:, None]) ** 2 / (2 * var[:, None])
+             - 0.5 * torch.log(2 * math.pi * var[:, None]))
+    kl = (q * (q.clamp_min(1e-300).log() - log_n)).sum(1) * dy
+    brute = float((kl * p_x).sum() * dx)
+    assert gap > 1e-3
+    assert gap == pytest.approx(brute, rel=0.02)
+
+
+def test_gap_grows_with_the_step():
+    # the same path from abar = 1 to abar_T in fewer, larger steps is less Gaussian per step
+    # and in total (Sohl-Dickstein et al. 2015)
+    fine = reverse_step_gaussian_gap(make_schedule("linear", 200, beta_start=1e-3, beta_end=0.05),
+                                     LEVELS, WEIGHTS)
+    coarse = reverse_step_gaussian_gap(make_schedule("linear", 20, beta_start=1e-2, beta_end=0.5),
+                                       LEVELS, WEIGHTS)
+    assert float(coarse.sum()) > 3 * float(fine.sum()) > 0
+    assert bool((fine >= 0).all())
+
+
+def test_gap_converges_in_the_number_of_nodes():
+    s = make_schedule("cosine", 40)
+    a = reverse_step_gaussian_gap(s, LEVELS, WEIGHTS, nodes=8)
+    b = reverse_step_gaussian_gap(s, LEVELS, WEIGHTS, nodes=16)
+    assert float(a.sum()) == pytest.approx(float(b.sum()), rel=0.02)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(levels=torch.tensor([]), weights=torch.tensor([])),
+    dict(levels=torch.tensor([0.0, 1.0]), weights=torch.tensor([1.0])),
+    dict(levels=torch.tensor([0.0, 1.0]), weights=torch.tensor([0.5, 0.6])),
+    dict(levels=torch.tensor([0.0, 1.0]), weights=torch.tensor([1.5, -0.5])),
+    dict(t=torch.tensor([0, 1])), dict(t=torch.tensor([10])), dict(nodes=1),
+    dict(data_std=-0.1), dict(data_std=float("nan")),
+])
+def test_gap_errors(kwargs):
+    args = dict(levels=LEVELS, weights=WEIGHTS, t=None)
+    args.update(kwargs)
+    with pytest.raises(ValueError):
+        reverse_step_gaussian_gap(make_schedule("linear", 10), args["levels"], args["weights"],
+                                  args["t"], nodes=kwargs.get("nodes", 8),
+                                  data_std=kwargs.get("data_std", 0.0))
