@@ -119,6 +119,26 @@ def mine_hard_negatives(similarity: torch.Tensor, allowed: torch.Tensor,
     return torch.multinomial(weights, 1, generator=generator).squeeze(1).to(similarity.device)
 
 
+def contrastive_and_matching_losses(sim: torch.Tensor, positive: torch.Tensor,
+                                    image_tokens: torch.Tensor, ids: torch.Tensor, itm_logits,
+                                    generator: torch.Generator | None = None):
+    """(ITC, ITM) losses of one batch, shared by BLIP and BLIP-2's stage 1.
+
+    ITC: symmetric cross-entropy of the scaled similarities ``sim`` [image, text] with every
+    consistent pair as a target (soft labels, since a partial caption fits several scenes).
+    ITM: for each image a hard negative text and for each text a hard negative image, mined
+    from ``sim``; ``itm_logits(image_tokens, ids)`` scores (match, no match) pairs.
+    """
+    itc = -((positive / positive.sum(1, keepdim=True)) * sim.log_softmax(1)).sum(1).mean() / 2 \
+        - ((positive / positive.sum(0, keepdim=True)) * sim.log_softmax(0)).sum(0).mean() / 2
+    neg_text = mine_hard_negatives(sim, positive == 0, generator)
+    neg_image = mine_hard_negatives(sim.T, positive.T == 0, generator)
+    tokens = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]])
+    pair_ids = torch.cat([ids, ids[neg_text], ids])
+    labels = torch.cat([torch.ones(len(ids)), torch.zeros(2 * len(ids))]).long().to(ids.device)
+    return itc, F.cross_entropy(itm_logits(tokens, pair_ids), labels)
+
+
 class Attention(nn.Module):
     """Multi-head attention of x (B, L, D) over context (B, M, D).
 
@@ -254,16 +274,8 @@ class BLIP(nn.Module):
         txt = F.normalize(self.text_proj(self.text(ids)[:, 0]), dim=-1)
         sim = self.log_scale.clamp(max=math.log(100)).exp() * img @ txt.T     # (B, B)
         positive = consistent(text_codes, scene_codes_).T.float()              # [image, text]
-        # ITC with every consistent pair as a target (soft labels), symmetric
-        itc = -((positive / positive.sum(1, keepdim=True)) * sim.log_softmax(1)).sum(1).mean() / 2 \
-            - ((positive / positive.sum(0, keepdim=True)) * sim.log_softmax(0)).sum(0).mean() / 2
-        # ITM: for each image a hard negative text, for each text a hard negative image
-        neg_text = mine_hard_negatives(sim, positive == 0, generator)
-        neg_image = mine_hard_negatives(sim.T, positive.T == 0, generator)
-        tokens = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]])
-        pair_ids = torch.cat([ids, ids[neg_text], ids])
-        labels = torch.cat([torch.ones(len(ids)), torch.zeros(2 * len(ids))]).long().to(ids.device)
-        itm = F.cross_entropy(self.itm_logits(tokens, pair_ids), labels)
+        itc, itm = contrastive_and_matching_losses(sim, positive, image_tokens, ids,
+                                                   self.itm_logits, generator)
         logits = self.lm_logits(image_tokens, ids)
         lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), ignore_index=PAD)
         return {"itc": itc, "itm": itm, "lm": lm}

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from .blip import (BLIP, DEC, EOS, MAX_LEN, PAD, VOCAB, Attention, ImageEncoder, consistent,
-                   greedy_decode, mine_hard_negatives, mlp)
+                   contrastive_and_matching_losses, greedy_decode, mlp)
 
 
 def tiny_gpt2(dim: int = 64, layers: int = 2, heads: int = 4,
@@ -209,14 +209,8 @@ class BLIP2(nn.Module):
         txt = F.normalize(self.text_proj(text[:, 0]), dim=-1)
         sim = self.log_scale.clamp(max=math.log(100)).exp() * self.similarity(img, txt)
         positive = consistent(text_codes, scene_codes_).T.float()
-        itc = -((positive / positive.sum(1, keepdim=True)) * sim.log_softmax(1)).sum(1).mean() / 2 \
-            - ((positive / positive.sum(0, keepdim=True)) * sim.log_softmax(0)).sum(0).mean() / 2
-        neg_text = mine_hard_negatives(sim, positive == 0, generator)
-        neg_image = mine_hard_negatives(sim.T, positive.T == 0, generator)
-        tokens = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]])
-        pair_ids = torch.cat([ids, ids[neg_text], ids])
-        labels = torch.cat([torch.ones(len(ids)), torch.zeros(2 * len(ids))]).long().to(ids.device)
-        itm = F.cross_entropy(self.itm_logits(tokens, pair_ids), labels)
+        itc, itm = contrastive_and_matching_losses(sim, positive, image_tokens, ids,
+                                                   self.itm_logits, generator)
         dec = ids.clone()
         dec[:, 0] = DEC
         _, text = self.qformer(image_tokens, dec, "itg")
