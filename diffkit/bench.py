@@ -63,7 +63,7 @@ def train_throughput(device: torch.device, quick: bool) -> dict:
             with tempfile.TemporaryDirectory() as tmp:
                 torch.manual_seed(recipes.SEED)
                 start = time.perf_counter()
-                spec.train(k, device, Path(tmp) / "state.safetensors", False)
+                spec.train(k, device, Path(tmp) / f"{name}.state.safetensors", False)
                 seconds.append(time.perf_counter() - start)
         per_step = max(seconds[1] - seconds[0], 1e-9) / (k2 - k1)
         setup = max(seconds[0] - k1 * per_step, 0.0)
