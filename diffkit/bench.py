@@ -20,9 +20,10 @@ from typing import Callable
 
 import torch
 
-from . import checkpoints, config, data, ddpm, nets, recipes
-from .schedules import make_schedule
-
+from diffkit import checkpoints, config, recipes
+from diffkit.diffusion import ddpm
+from diffkit.diffusion.schedules import make_schedule
+from diffkit.nn import unet
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks"
 BENCHES: dict[str, Callable] = {}
@@ -77,7 +78,7 @@ def _digits_model(device) -> torch.nn.Module:
     try:
         model, _ = checkpoints.load_model("digits-ddpm", device=device)
     except ValueError:  # no checkpoint yet: timing does not depend on the weights
-        model = nets.UNet(**recipes.DIGITS_UNET).to(device).eval()
+        model = unet.UNet(**recipes.DIGITS_UNET).to(device).eval()
     return model
 
 
@@ -132,12 +133,23 @@ def samplers(device: torch.device, quick: bool) -> dict:
     Heun spends 2 evaluations per step but 1 on the last, so it gets 19 where the others get 20.
     ``max_abs_diff`` (UNet only) checks that both loops computed the same samples.
     """
-    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler,
-                           EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                           HeunDiscreteScheduler)
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        HeunDiscreteScheduler,
+    )
 
-    from .samplers import (EpsDenoiser, sample_ddim, sample_dpmpp_2m, sample_euler,
-                           sample_euler_ancestral, sample_heun, spaced_timesteps)
+    from diffkit.diffusion.denoisers import DiscreteTimeDenoiser
+    from diffkit.diffusion.samplers import (
+        sample_ddim,
+        sample_dpmpp_2m,
+        sample_euler,
+        sample_euler_ancestral,
+        sample_heun,
+        spaced_timesteps,
+    )
 
     batch, nfe = (16, 10) if quick else (200, 20)
     schedule = make_schedule("linear")
@@ -158,7 +170,7 @@ def samplers(device: torch.device, quick: bool) -> dict:
     out = {}
     for model_name, model in models.items():
         for name, (sampler, cls, extra, steps, sigma_space) in cases.items():
-            denoiser = EpsDenoiser(model, schedule.alphas_cumprod)
+            denoiser = DiscreteTimeDenoiser(model, schedule.alphas_cumprod)
             sigmas = denoiser.sigmas_for_timesteps(spaced_timesteps(steps, schedule.T, "trailing"))
             sigmas = sigmas.to(device)
             scheduler = cls(**config_, **extra)

@@ -93,27 +93,40 @@ def load(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
 def build_model(card: dict) -> torch.nn.Module:
     """Instantiate the network class named in ``card['model']`` with its saved arguments.
 
-    The card names the class and the diffkit module that defines it (``module``; cards written
-    before later chapters existed omit it and name one of the chapter-1 classes). Only modules of
-    this package are imported, so a card cannot make us import arbitrary code.
+    The card names the class and the diffkit module that defines it (``module``). Cards written
+    before the package was split into subpackages name a flat module (``diffkit.nets``) or none;
+    :data:`LEGACY_CLASS_HOMES` maps those classes to their homes now. Only modules of this
+    package are imported, so a card cannot make us import arbitrary code.
     """
     import importlib
 
     spec = card.get("model", {})
-    module_name = spec.get("module") or LEGACY_MODULES.get(spec.get("class"))
+    module_name = spec.get("module")
+    if module_name is None or module_name in LEGACY_MODULES:
+        module_name = LEGACY_CLASS_HOMES.get(spec.get("class"), module_name)
     if not isinstance(module_name, str) or not (module_name == __package__
                                                 or module_name.startswith(__package__ + ".")):
         raise ValueError(f"card names unknown model class {spec.get('class')!r} (module "
                          f"{module_name!r}); expected a class of a {__package__} module, e.g. one "
-                         f"of {sorted(LEGACY_MODULES)}")
-    cls = getattr(importlib.import_module(module_name), spec["class"], None)
+                         f"of {sorted(LEGACY_CLASS_HOMES)}")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        raise ValueError(f"card names module {module_name!r}, which {__package__} does not "
+                         f"have") from error
+    cls = getattr(module, spec["class"], None)
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
         raise ValueError(f"{module_name} has no model class {spec['class']!r}")
     return cls(**spec.get("kwargs", {}))
 
 
-LEGACY_MODULES = {"MLPDenoiser": "diffkit.nets", "UNet": "diffkit.nets",
-                  "DigitsJudge": "diffkit.metrics"}
+# the flat modules of diffkit before its subpackages, as old cards name them
+LEGACY_MODULES = {"diffkit.nets", "diffkit.metrics", "diffkit.guidance", "diffkit.clip",
+                  "diffkit.blip", "diffkit.blip2", "diffkit.score"}
+LEGACY_CLASS_HOMES = {"MLPDenoiser": "diffkit.nn.mlp", "UNet": "diffkit.nn.unet",
+                      "DigitsJudge": "diffkit.nn.classifiers",
+                      "NoisyDigitsClassifier": "diffkit.nn.classifiers",
+                      "TinyCLIP": "diffkit.text.clip", "BLIPFamily": "diffkit.text.blip2"}
 
 
 def load_model(name: str, *, root=None, device=None) -> tuple[torch.nn.Module, dict]:

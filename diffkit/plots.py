@@ -72,3 +72,28 @@ def scatter_animation(frames: list[torch.Tensor], labels: list[str], *, referenc
     html = _offline_player(anim.to_jshtml(default_mode="once"))
     plt.close(fig)
     return html
+
+
+def markdown_table(header: list[str], rows: list[list], *, digits: int = 3) -> str:
+    """A GitHub-flavoured markdown table (the book renders it): floats to ``digits`` decimals,
+    everything else with ``str``. Every row must have one cell per header column."""
+    if not header:
+        raise ValueError("header must name at least one column")
+    for i, row in enumerate(rows):
+        if len(row) != len(header):
+            raise ValueError(f"row {i} has {len(row)} cells, expected {len(header)}: {row!r}")
+
+    def cell(value) -> str:
+        text = f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def show_table(header: list[str], rows: list[list], *, digits: int = 3) -> None:
+    """Display :func:`markdown_table` in a notebook (rendered as a table in the book)."""
+    from IPython.display import Markdown, display
+
+    display(Markdown(markdown_table(header, rows, digits=digits)))

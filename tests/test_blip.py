@@ -1,10 +1,13 @@
-"""diffkit.blip and diffkit.blip2: tokens, masks, losses, hard negatives, decoding, checkpoint."""
+"""diffkit.text.blip and diffkit.text.blip2: tokens, masks, losses, hard negatives, decoding, checkpoint."""
 
 import pytest
 import torch
 
-from diffkit import blip, blip2, checkpoints, recipes_blip
-from diffkit.shapes import ShapeObject, make_shapes
+from diffkit import checkpoints
+from diffkit.data.shapes import ShapeObject, make_shapes
+from diffkit.eval import blip_probes
+from diffkit.recipes import blip as recipes_blip
+from diffkit.text import blip, blip2
 
 TINY = dict(dim=32, depth=1, heads=2, embed_dim=16)
 TINY2 = dict(dim=32, depth=1, heads=2, num_queries=4, embed_dim=16, lm_dim=32, lm_layers=1,
@@ -203,7 +206,7 @@ def test_documents_and_qformer_init(batch):
 def test_family_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     family = blip2.BLIPFamily(TINY, TINY2)
-    card = {"model": {"class": "BLIPFamily", "module": "diffkit.blip2", "kwargs": family.config}}
+    card = {"model": {"class": "BLIPFamily", "module": "diffkit.text.blip2", "kwargs": family.config}}
     checkpoints.save(tmp_path / "fam", family.state_dict(), card)
     tensors, card = checkpoints.load(tmp_path / "fam")
     rebuilt = checkpoints.build_model(card)
@@ -231,5 +234,5 @@ def test_shipped_card_meets_the_caption_bar():
                                                     measured["blip_r1_chance"])
     assert measured["blip2_stage1_r1_itc"] > 0.8
     single = make_shapes(40, seed=recipes_blip.TEST_SEED, objects=1)
-    live = recipes_blip.caption_accuracy(model.blip.caption(single.images), single.objects)
+    live = blip_probes.caption_accuracy(model.blip.caption(single.images), single.objects)
     assert live["colour_shape"] >= 0.85

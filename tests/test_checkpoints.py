@@ -7,10 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from diffkit import checkpoints
-from diffkit.metrics import DigitsJudge
-from diffkit.nets import MLPDenoiser, UNet
-
-
+from diffkit.nn.classifiers import DigitsJudge
+from diffkit.nn.mlp import MLPDenoiser
+from diffkit.nn.unet import UNet
 
 
 def _tensors(seed=0):
@@ -136,13 +135,13 @@ def test_build_model_unknown_class(card):
 
 
 def test_build_model_from_named_module_only_inside_the_package():
-    card = {"model": {"class": "UNet", "module": "diffkit.nets",
+    card = {"model": {"class": "UNet", "module": "diffkit.nn.unet",
                       "kwargs": dict(in_channels=1, base_channels=8, channel_mults=[1])}}
     assert type(checkpoints.build_model(card)) is UNet
     for module, cls, match in [("os", "system", "unknown model class"),
                                ("diffkitx.nets", "UNet", "unknown model class"),
-                               ("diffkit.nets", "timestep_embedding", "no model class"),
-                               ("diffkit.nets", "Missing", "no model class")]:
+                               ("diffkit.nn.unet", "timestep_embedding", "no model class"),
+                               ("diffkit.nn.unet", "Missing", "no model class")]:
         with pytest.raises(ValueError, match=match):
             checkpoints.build_model({"model": {"class": cls, "module": module}})
 

@@ -1,4 +1,4 @@
-"""diffkit.clip: word-level tokenizer, InfoNCE loss, the tiny CLIP, export, probes, shipped card."""
+"""diffkit.text.clip: word-level tokenizer, InfoNCE loss, the tiny CLIP, export, probes, shipped card."""
 
 import functools
 import math
@@ -7,8 +7,10 @@ import pytest
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from diffkit import checkpoints, clip, recipes, recipes_shapes
-from diffkit.shapes import ShapeObject, make_shapes
+from diffkit import checkpoints, recipes
+from diffkit.data.shapes import ShapeObject, make_shapes
+from diffkit.eval import clip_probes
+from diffkit.text import clip
 
 TINY = dict(text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2),
@@ -95,9 +97,9 @@ def test_bad_input_raises(tiny):
     with pytest.raises(ValueError, match="each k"):
         clip.retrieval_recall(torch.eye(3), torch.eye(3), ks=(5,))
     with pytest.raises(ValueError, match="one-object"):
-        recipes_shapes.zero_shot_accuracy(tiny, make_shapes(4, seed=0, objects=2))
+        clip_probes.zero_shot_accuracy(tiny, make_shapes(4, seed=0, objects=2))
     with pytest.raises(ValueError, match="attribute"):
-        recipes_shapes.attribute_prompts("texture")
+        clip_probes.attribute_prompts("texture")
 
 
 def test_retrieval_recall_by_hand():
@@ -127,7 +129,7 @@ def test_export_round_trip(tiny, tmp_path):
 
 
 def test_card_kwargs_rebuild_the_model(tiny):
-    card = {"model": {"class": "TinyCLIP", "module": "diffkit.clip", "kwargs": tiny.config}}
+    card = {"model": {"class": "TinyCLIP", "module": "diffkit.text.clip", "kwargs": tiny.config}}
     rebuilt = checkpoints.build_model(card)
     rebuilt.load_state_dict(tiny.state_dict())
     text = ["a cyan triangle at the top"]
@@ -139,7 +141,7 @@ def test_probe_captions_swap_what_they_say():
     a = ShapeObject("circle", "red", "large", "left")
     b = ShapeObject("square", "blue", "small", "right")
     batch.objects = [[a, b], [a]]
-    probes = recipes_shapes.probe_captions(batch)
+    probes = clip_probes.probe_captions(batch)
     assert probes["binding"] == ([0], ["a red circle and a blue square"],
                                  ["a blue circle and a red square"])
     assert probes["order"][2] == ["a blue square and a red circle"]
@@ -147,16 +149,16 @@ def test_probe_captions_swap_what_they_say():
     idx, true, added = probes["count_add"]
     assert idx == [1] and true == ["a red circle"] and added[0].startswith("a red circle and a ")
     assert added[0] != "a red circle and a red circle"
-    assert [len(recipes_shapes.attribute_prompts(k)[0]) for k in recipes_shapes.ATTRIBUTES] == \
+    assert [len(clip_probes.attribute_prompts(k)[0]) for k in clip_probes.ATTRIBUTES] == \
         [18, 18, 36, 90]
 
 
 def test_recipe_runs_and_its_card_rebuilds_the_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(recipes_shapes, "CLIP_POOL", 256)
-    monkeypatch.setattr(recipes_shapes, "clip_report",
-                        functools.partial(recipes_shapes.clip_report, n=40))
+    monkeypatch.setattr(recipes.clip, "CLIP_POOL", 256)
+    monkeypatch.setattr(recipes.clip, "clip_report",
+                        functools.partial(clip_probes.clip_report, n=40))
     card = recipes.run("shapes-clip", root=tmp_path, steps=2, progress=False, device="cpu")
-    assert card["model"]["module"] == "diffkit.clip"
+    assert card["model"]["module"] == "diffkit.text.clip"
     assert {"zero_shot_colour", "zero_shot_shape", "image_to_text_R@1", "text_to_image_R@5",
             "binding_rate", "order_rate", "count_add_rate"} <= card["measured"].keys()
     model, _ = checkpoints.load_model("shapes-clip", root=tmp_path)
@@ -173,5 +175,5 @@ def test_shipped_checkpoint_meets_the_bars():
     size = (checkpoints.checkpoint_dir("shapes-clip") / "model.safetensors").stat().st_size
     assert size < 16 * 2**20
     # and live, on scenes the card did not use
-    live = recipes_shapes.zero_shot_accuracy(model, make_shapes(300, seed=31, objects=1))
+    live = clip_probes.zero_shot_accuracy(model, make_shapes(300, seed=31, objects=1))
     assert live["colour"] >= 0.95 and live["shape"] >= 0.95, live

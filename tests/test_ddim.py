@@ -1,4 +1,4 @@
-"""diffkit.ddim: eq. 16 variances, the eq. 7 posterior family, Lemma 1 (same marginals), the
+"""diffkit.diffusion.ddim: eq. 16 variances, the eq. 7 posterior family, Lemma 1 (same marginals), the
 eq. 12 step, DDIM = Euler on the probability-flow ODE, inversion and the sigma-hat sampler.
 
 Parity: ``invert`` equals diffusers' ``DDIMInverseScheduler`` loop and ``sample_ddpm_mean`` equals
@@ -13,11 +13,11 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDPMScheduler
 
-from diffkit import ddim, ddpm
-from diffkit.gmm import GaussianMixture
-from diffkit.samplers import (EpsDenoiser, sample_ddim, sample_ddpm, sigmas_karras,
-                              spaced_timesteps)
-from diffkit.schedules import make_schedule
+from diffkit.diffusion import ddim, ddpm
+from diffkit.diffusion.denoisers import DiscreteTimeDenoiser
+from diffkit.diffusion.gmm import GaussianMixture
+from diffkit.diffusion.samplers import sample_ddim, sample_ddpm, sigmas_karras, spaced_timesteps
+from diffkit.diffusion.schedules import make_schedule
 
 F64 = torch.float64
 SCHEDULE = make_schedule("linear")
@@ -45,7 +45,7 @@ class SmoothEps:
 
 
 MODEL = SmoothEps()
-DENOISER = EpsDenoiser(MODEL, ABAR)
+DENOISER = DiscreteTimeDenoiser(MODEL, ABAR)
 
 
 # ---- eq. 16 ----------------------------------------------------------------------------------

@@ -1,12 +1,12 @@
-"""diffkit.ddpm: forward marginal, posterior, targets, loss, the ancestral step and sampler."""
+"""diffkit.diffusion.ddpm: forward marginal, posterior, targets, loss, the ancestral step and sampler."""
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from diffkit import ddpm
-from diffkit.schedules import make_schedule
+from diffkit.diffusion import ddpm
+from diffkit.diffusion.schedules import make_schedule
 
 F64 = torch.float64
 DIFFUSERS = {

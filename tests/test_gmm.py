@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from diffkit.gmm import GaussianMixture
-from diffkit.samplers import sample_dpmpp_2m, sample_euler, sample_heun, sigmas_karras
-from diffkit.solvers_eval import error_at_sigma_min, loglog_slope
+from diffkit.diffusion.gmm import GaussianMixture
+from diffkit.diffusion.samplers import sample_dpmpp_2m, sample_euler, sample_heun, sigmas_karras
+from diffkit.eval.solvers import error_at_sigma_min, loglog_slope
 
 F64 = torch.float64
 MEANS = [[-2.0, 0.0], [2.0, 1.0], [0.0, 2.0]]

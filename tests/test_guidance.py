@@ -1,4 +1,4 @@
-"""diffkit.guidance: classifier and classifier-free guidance as denoiser wrappers, exact on a
+"""diffkit.diffusion.guidance: classifier and classifier-free guidance as denoiser wrappers, exact on a
 labelled Gaussian mixture (Bayes: grad log p(x|y) = grad log p(x) + grad log p(y|x))."""
 
 import math
@@ -6,12 +6,18 @@ import math
 import pytest
 import torch
 
-from diffkit import nets
-from diffkit.gmm import GaussianMixture
-from diffkit.guidance import (ClassifierFreeGuidance, ClassifierGuidance, LabelledMixture,
-                              NoisyDigitsClassifier, SigmaClassifier)
-from diffkit.samplers import EpsDenoiser, sample_euler, sample_heun, sigmas_karras
-from diffkit.schedules import make_schedule
+from diffkit.diffusion.denoisers import DiscreteTimeDenoiser
+from diffkit.diffusion.gmm import GaussianMixture
+from diffkit.diffusion.guidance import (
+    ClassifierFreeGuidance,
+    ClassifierGuidance,
+    LabelledMixture,
+    SigmaClassifier,
+)
+from diffkit.diffusion.samplers import sample_euler, sample_heun, sigmas_karras
+from diffkit.diffusion.schedules import make_schedule
+from diffkit.nn import unet
+from diffkit.nn.classifiers import NoisyDigitsClassifier
 
 F64 = torch.float64
 
@@ -110,9 +116,9 @@ def test_cfg_makes_one_batched_call_and_passes_the_null_label():
 
 def test_cfg_on_a_conditional_unet_shapes():
     torch.manual_seed(0)
-    unet = nets.UNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, emb_dim=16,
+    net = unet.UNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, emb_dim=16,
                      num_classes=10).eval()
-    denoiser = EpsDenoiser(unet, make_schedule("linear").alphas_cumprod)
+    denoiser = DiscreteTimeDenoiser(net, make_schedule("linear").alphas_cumprod)
     cfg = ClassifierFreeGuidance(denoiser, null_label=10)
     x, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 5, 9])
     with torch.no_grad():

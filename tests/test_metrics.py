@@ -1,4 +1,4 @@
-"""diffkit.metrics: sliced Wasserstein, Frechet distance and the digits judge."""
+"""diffkit.eval.metrics: sliced Wasserstein, Frechet distance and the digits judge."""
 
 import math
 
@@ -7,11 +7,12 @@ import pytest
 import scipy.linalg
 import torch
 
-from diffkit import checkpoints, metrics
+from diffkit import checkpoints
 from diffkit.data import digits
-from diffkit.metrics import DigitsJudge, frechet_distance, sliced_wasserstein
-
-
+from diffkit.eval import metrics
+from diffkit.eval.metrics import frechet_distance, sliced_wasserstein
+from diffkit.nn import classifiers
+from diffkit.nn.classifiers import DigitsJudge
 
 
 def _gen(seed):
@@ -115,8 +116,8 @@ def test_judge_loss_is_seeded():
     torch.manual_seed(0)
     judge = DigitsJudge().eval()  # no dropout: only the shift augmentation is random
     x, y = torch.randn(8, 1, 8, 8, generator=_gen(0)), torch.arange(8)
-    first = metrics.judge_loss(judge, (x, y), _gen(3))
-    assert first.item() == metrics.judge_loss(judge, (x, y), _gen(3)).item()
+    first = classifiers.judge_loss(judge, (x, y), _gen(3))
+    assert first.item() == classifiers.judge_loss(judge, (x, y), _gen(3)).item()
     assert first.ndim == 0 and first.item() > 0
 
 
@@ -148,9 +149,25 @@ def test_shipped_judge_on_real_and_noise(shipped_judge):
 
 
 def test_mean_pairwise_distance_known_values_and_errors():
-    from diffkit.metrics import mean_pairwise_distance
+    from diffkit.eval.metrics import mean_pairwise_distance
     # three points on a line at 0, 1, 3: distances 1, 3, 2 -> mean 2
     assert mean_pairwise_distance(torch.tensor([[0.0], [1.0], [3.0]])) == pytest.approx(2.0)
     assert mean_pairwise_distance(torch.ones(5, 4)) == 0.0   # a collapsed set has no diversity
     with pytest.raises(ValueError, match="N >= 2"):
         mean_pairwise_distance(torch.ones(1, 4))
+
+
+def test_real_digit_spread_is_seeded_and_checks_its_input():
+    from diffkit import checkpoints
+    from diffkit.eval.reference import real_digit_spread
+
+    judge, _ = checkpoints.load_model("digits-judge")
+    a = real_digit_spread(judge, 50, draws=3)
+    b = real_digit_spread(judge, 50, draws=3)
+    assert a == b and len(a["frechet"]) == len(a["diversity"]) == 3
+    assert len(set(a["frechet"])) == 3                      # three different draws
+    assert min(a["frechet"]) > 0 and min(a["diversity"]) > 0
+    with pytest.raises(ValueError, match="n must lie in"):
+        real_digit_spread(judge, 1)
+    with pytest.raises(ValueError, match="draws must be at least 2"):
+        real_digit_spread(judge, 50, draws=1)

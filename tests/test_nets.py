@@ -1,13 +1,13 @@
-"""diffkit.nets: timestep embedding, the MLP denoiser and the UNet."""
+"""diffkit.nn.unet: timestep embedding, the MLP denoiser and the UNet."""
 
 import math
 
 import pytest
 import torch
 
-from diffkit.nets import MLPDenoiser, UNet, timestep_embedding
-
-
+from diffkit.nn.embeddings import timestep_embedding
+from diffkit.nn.mlp import MLPDenoiser
+from diffkit.nn.unet import UNet
 
 
 @pytest.fixture(autouse=True)

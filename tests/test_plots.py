@@ -28,3 +28,12 @@ def test_image_grid_rejects_bad_shapes():
     fig, ax = matplotlib.pyplot.subplots()
     with pytest.raises(ValueError, match="images must be"):
         plots.image_grid(ax, torch.zeros(2, 8, 8))
+
+
+def test_markdown_table_formats_and_checks_rows():
+    text = plots.markdown_table(["a", "b"], [[1, 0.12345], ["x|y", 2.0]], digits=2)
+    assert text.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.12 |", "| x\\|y | 2.00 |"]
+    with pytest.raises(ValueError, match="row 0 has 1 cells, expected 2"):
+        plots.markdown_table(["a", "b"], [[1]])
+    with pytest.raises(ValueError, match="header"):
+        plots.markdown_table([], [])

@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
-from diffkit import checkpoints, recipes, train
+from diffkit import checkpoints, recipes
+from diffkit.eval import distributions
+from diffkit.train import __main__ as train_cli
 
 NAMES = ("digits-judge", "toy2d-ddpm", "digits-ddpm")
 CARD_KEYS = {"recipe", "seed", "steps", "train_seconds", "device", "versions", "model", "measured"}
@@ -32,8 +34,8 @@ def test_registry():
 def test_run_toy2d_writes_a_card(tmp_path, monkeypatch):
     # the full quality measurement samples 2000 points through 1000 steps (~1 min on 2 cores);
     # the card's structure is the same with fewer points
-    monkeypatch.setattr(recipes, "toy2d_quality",
-                        functools.partial(recipes.toy2d_quality, n=64))
+    monkeypatch.setattr(recipes.ddpm, "toy2d_quality",
+                        functools.partial(distributions.toy2d_quality, n=64))
     card = recipes.run("toy2d-ddpm", root=tmp_path, steps=30, progress=False, device="cpu")
     assert CARD_KEYS <= card.keys()
     assert card["recipe"] == "toy2d-ddpm" and card["steps"] == 30 and card["seed"] == recipes.SEED
@@ -60,9 +62,9 @@ def test_unknown_recipe_and_bad_steps(tmp_path):
 
 def test_cli_needs_a_recipe(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.main([])
+        train_cli.main([])
     assert exit_info.value.code == 2
-    assert train.main(["--list"]) == 0
+    assert train_cli.main(["--list"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in NAMES)
 

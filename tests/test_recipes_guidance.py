@@ -1,14 +1,17 @@
-"""diffkit.recipes_guidance: the noisy classifier and the class-conditional DDPM of chapter 7."""
+"""diffkit.recipes.guidance: the noisy classifier and the class-conditional DDPM of chapter 7."""
 
 import json
 
 import pytest
 import torch
 
-from diffkit import checkpoints, data, guidance, nets, recipes
-from diffkit import recipes_guidance as rg
-from diffkit.samplers import EpsDenoiser
-from diffkit.schedules import make_schedule
+from diffkit import checkpoints, data, recipes
+from diffkit.diffusion import guidance
+from diffkit.diffusion.denoisers import DiscreteTimeDenoiser
+from diffkit.diffusion.schedules import make_schedule
+from diffkit.eval import digits
+from diffkit.nn import classifiers, unet
+from diffkit.recipes import guidance as rg
 
 NAMES = ("digits-classifier-noisy", "digits-cond-ddpm")
 
@@ -57,17 +60,17 @@ def test_noisy_classifier_loss_sees_noised_inputs():
 
 
 def test_balanced_labels_and_sample_digits():
-    assert rg.balanced_labels(20).tolist() == [c for c in range(10) for _ in range(2)]
+    assert digits.balanced_labels(20).tolist() == [c for c in range(10) for _ in range(2)]
     with pytest.raises(ValueError, match="multiple of 10"):
-        rg.balanced_labels(15)
+        digits.balanced_labels(15)
     torch.manual_seed(0)
-    unet = nets.UNet(base_channels=8, num_res_blocks=1, emb_dim=16, num_classes=10).eval()
-    denoiser = EpsDenoiser(unet, make_schedule("linear").alphas_cumprod)
+    net = unet.UNet(base_channels=8, num_res_blocks=1, emb_dim=16, num_classes=10).eval()
+    denoiser = DiscreteTimeDenoiser(net, make_schedule("linear").alphas_cumprod)
     cfg = guidance.ClassifierFreeGuidance(denoiser, null_label=10)
-    labels = rg.balanced_labels(10)
+    labels = digits.balanced_labels(10)
     kw = dict(sigma_min=denoiser.sigma_min, sigma_max=denoiser.sigma_max, steps=3)
-    a = rg.sample_digits(cfg, labels, guidance_scale=2.0, **kw)
-    b = rg.sample_digits(cfg, labels, guidance_scale=2.0, **kw)
+    a = digits.sample_digits(cfg, labels, guidance_scale=2.0, **kw)
+    b = digits.sample_digits(cfg, labels, guidance_scale=2.0, **kw)
     assert a.shape == (10, 1, 8, 8) and a.abs().max() <= 1 and torch.equal(a, b)
 
 
@@ -82,9 +85,9 @@ def test_judge_requested_on_real_digits():
     _shipped("digits-judge")
     judge, _ = checkpoints.load_model("digits-judge")
     x, y = data.digits("test")
-    report = rg.judge_requested(judge, x, y)
+    report = digits.judge_requested(judge, x, y)
     assert report["requested"] >= 0.97 and report["requested_confident"] <= report["requested"]
-    wrong = rg.judge_requested(judge, x, (y + 1) % 10)
+    wrong = digits.judge_requested(judge, x, (y + 1) % 10)
     assert wrong["requested"] < 0.05
 
 
@@ -94,7 +97,7 @@ def test_classifier_recipe_smoke_and_rebuild(tmp_path):
     assert card["model"]["class"] == "NoisyDigitsClassifier"
     assert set(card["measured"]) == {f"accuracy_t{t}" for t in rg.T_GRID}
     model, _ = checkpoints.load_model("digits-classifier-noisy", root=tmp_path)
-    assert isinstance(model, guidance.NoisyDigitsClassifier)
+    assert isinstance(model, classifiers.NoisyDigitsClassifier)
     assert model(torch.zeros(2, 1, 8, 8), torch.tensor([0, 999])).shape == (2, 10)
 
 

@@ -1,4 +1,4 @@
-"""diffkit.recipes_schedules: the digits-ddpm-cosine recipe and its shipped checkpoint."""
+"""diffkit.recipes.schedules: the digits-ddpm-cosine recipe and its shipped checkpoint."""
 
 import json
 

@@ -5,7 +5,7 @@ same eps model and starting point. The model (ToyEps) is the exact eps of N(0, I
 random smooth perturbation, and takes fractional t, so any mismatch in the t the network sees
 shows up. Two tiers, printed as ``PARITY ...`` lines with ``pytest -s``:
 
-* float32 tables, diffusers as shipped (the EpsDenoiser is built on its alphas_cumprod):
+* float32 tables, diffusers as shipped (the DiscreteTimeDenoiser is built on its alphas_cumprod):
   max abs difference <= 1e-4. The cosine schedule reaches sigma = 2.0e4 at t = 999, where
   diffusers' float32 scalars alone move the result by 1e-3..1 (test_fp32_tables_cannot_...), so
   in this tier it runs with "leading" spacing only (sigma_max = 6.3).
@@ -24,14 +24,28 @@ import types
 
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                       HeunDiscreteScheduler)
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+)
 
-from diffkit.samplers import (EpsDenoiser, get_ancestral_step, sample_ddim, sample_ddpm,
-                              sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun,
-                              sigmas_karras, spaced_timesteps)
-from diffkit.schedules import make_schedule
+from diffkit.diffusion.denoisers import DiscreteTimeDenoiser
+from diffkit.diffusion.samplers import (
+    get_ancestral_step,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+    sigmas_karras,
+    spaced_timesteps,
+)
+from diffkit.diffusion.schedules import make_schedule
 
 KIND = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 BETAS = {"linear": dict(beta_start=1e-4, beta_end=0.02),
@@ -125,7 +139,7 @@ def build(name, beta, n, spacing, *, karras=False, float64=False, steps_offset=0
     sched.set_timesteps(n)
     abar = make_schedule(KIND[beta]).alphas_cumprod if float64 else sched.alphas_cumprod
     quantize = name == "dpmpp_2m" and karras and beta != "squaredcos_cap_v2"
-    den = EpsDenoiser(MODELS[beta], abar, quantize=quantize)
+    den = DiscreteTimeDenoiser(MODELS[beta], abar, quantize=quantize)
     if karras:   # with "linspace" spacing: from the table's sigma_max down to its sigma_min
         sigmas = sigmas_karras(n, den.sigma_min, den.sigma_max)
     else:
@@ -218,7 +232,7 @@ def test_parity_with_diffusers(name, beta, float64):
 @pytest.mark.parametrize("beta", ["linear", "scaled_linear"])
 @pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m"])
 def test_parity_karras_sigmas(name, beta, float64):
-    """use_karras_sigmas=True. DPM-Solver rounds t for the model, so EpsDenoiser(quantize=True)."""
+    """use_karras_sigmas=True. DPM-Solver rounds t for the model, so DiscreteTimeDenoiser(quantize=True)."""
     for n in (5, 25):
         parity(name, beta, n, "linspace", float64=float64, karras=True)
 
@@ -332,10 +346,10 @@ def test_discrepancy_dpm_karras_rounds_model_timestep():
     """DPM-Solver with Karras sigmas keeps the sigmas but rounds t: parity needs quantize=True."""
     sched, den, sigmas = build("dpmpp_2m", "scaled_linear", 10, "linspace", karras=True,
                                float64=True)
-    t_exact = EpsDenoiser(MODELS["scaled_linear"], den.alphas_cumprod).sigma_to_t(sigmas[:-1])
+    t_exact = DiscreteTimeDenoiser(MODELS["scaled_linear"], den.alphas_cumprod).sigma_to_t(sigmas[:-1])
     assert torch.equal(sched.timesteps, t_exact.round().long())
     assert (t_exact != t_exact.round()).sum() >= 8
-    unquantized = EpsDenoiser(MODELS["scaled_linear"], den.alphas_cumprod)
+    unquantized = DiscreteTimeDenoiser(MODELS["scaled_linear"], den.alphas_cumprod)
     ref, ours, _ = run_both("dpmpp_2m", "scaled_linear", sched, unquantized, sigmas)
     diff = (ref - ours).abs().max().item()
     print(f"DISCREPANCY dpmpp_2m karras: unquantized t differs by {diff:.2e}")
@@ -350,7 +364,7 @@ def test_discrepancy_dpm_karras_cosine_truncates_timestep_and_breaks_the_loop():
     ``set_begin_index(0)`` it runs, and a floor-quantising denoiser matches it."""
     sched = make(DPMSolverMultistepScheduler, "squaredcos_cap_v2", use_karras_sigmas=True)
     sched.set_timesteps(10)
-    den = EpsDenoiser(MODELS["squaredcos_cap_v2"], sched.alphas_cumprod)
+    den = DiscreteTimeDenoiser(MODELS["squaredcos_cap_v2"], sched.alphas_cumprod)
     sigmas = torch.cat([sched.sigmas[:-1].double(), torch.zeros(1, dtype=F64)])
     t_exact = den.sigma_to_t(sigmas[:-1])
     assert torch.equal(sched.timesteps, t_exact.floor().long())
@@ -360,7 +374,7 @@ def test_discrepancy_dpm_karras_cosine_truncates_timestep_and_breaks_the_loop():
     with pytest.raises(IndexError):
         vp_loop(sched, MODELS["squaredcos_cap_v2"], x / (1 + sigmas[0] ** 2) ** 0.5)
 
-    class FloorEps(EpsDenoiser):
+    class FloorEps(DiscreteTimeDenoiser):
         def sigma_to_t(self, sigma):
             return super().sigma_to_t(sigma).floor()
 
@@ -491,7 +505,7 @@ def test_deterministic_samplers_ignore_the_generator():
 
 def test_identities_between_samplers():
     """DDIM(eta=0) is Euler in sigma; DDIM(eta=1) is the DDPM posterior step and Euler-ancestral."""
-    den = EpsDenoiser(MODELS["linear"], make_schedule("linear").alphas_cumprod)
+    den = DiscreteTimeDenoiser(MODELS["linear"], make_schedule("linear").alphas_cumprod)
     sigmas = den.sigmas_for_timesteps(spaced_timesteps(20, spacing="trailing"))
     x = NOISE * sigmas[0]
     assert torch.allclose(sample_ddim(den, x, sigmas), sample_euler(den, x, sigmas), atol=1e-12)
@@ -514,7 +528,7 @@ def test_get_ancestral_step_splits_the_variance():
 
 
 def test_float32_input_runs_and_matches_float64():
-    den = EpsDenoiser(MODELS["scaled_linear"], make_schedule("scaled_linear").alphas_cumprod)
+    den = DiscreteTimeDenoiser(MODELS["scaled_linear"], make_schedule("scaled_linear").alphas_cumprod)
     sigmas = sigmas_karras(10, den.sigma_min, den.sigma_max)
     x = NOISE * sigmas[0]
     out32 = sample_dpmpp_2m(den, x.float(), sigmas)
@@ -558,7 +572,7 @@ def test_spaced_timesteps_match_diffusers(spacing):
 def test_sigmas_for_timesteps_match_diffusers_tables(beta):
     """diffkit's float64 schedule vs diffusers' float32 one: abar equal to float32 accuracy (sigma
     itself can differ by 3e-4 relative at t = 0, where 1 - abar ~ 4e-5 loses digits in float32)."""
-    den = EpsDenoiser(MODELS[beta], make_schedule(KIND[beta]).alphas_cumprod)
+    den = DiscreteTimeDenoiser(MODELS[beta], make_schedule(KIND[beta]).alphas_cumprod)
     for spacing in ("leading", "trailing"):
         sched = make(EulerDiscreteScheduler, beta, timestep_spacing=spacing)
         sched.set_timesteps(25)
@@ -570,7 +584,7 @@ def test_sigmas_for_timesteps_match_diffusers_tables(beta):
 
 def test_eps_denoiser_tables_and_interpolation():
     abar = make_schedule("scaled_linear").alphas_cumprod
-    den = EpsDenoiser(MODELS["scaled_linear"], abar)
+    den = DiscreteTimeDenoiser(MODELS["scaled_linear"], abar)
     t = torch.arange(1000, dtype=F64)
     assert torch.equal(den.t_to_sigma(t), ((1 - abar) / abar).sqrt())       # exact at integer t
     assert torch.equal(den.sigma_to_t(den.sigmas), t)
@@ -582,14 +596,14 @@ def test_eps_denoiser_tables_and_interpolation():
     s = torch.exp(torch.linspace(-4, 2.5, 37, dtype=F64))
     ref = EulerDiscreteScheduler()._sigma_to_t(s.numpy(), log_sigmas)
     assert torch.allclose(den.sigma_to_t(s), torch.as_tensor(ref), atol=1e-9)
-    q = EpsDenoiser(MODELS["linear"], abar, quantize=True).sigma_to_t(den.t_to_sigma(frac))
+    q = DiscreteTimeDenoiser(MODELS["linear"], abar, quantize=True).sigma_to_t(den.t_to_sigma(frac))
     assert torch.allclose(q, frac.round(), atol=0)
     assert den.sigma_min == float(den.sigmas[0]) and den.sigma_max == float(den.sigmas[-1])
 
 
 def test_eps_denoiser_output_and_batching():
     model = ToyEps("linear")
-    den = EpsDenoiser(model, make_schedule("linear").alphas_cumprod)
+    den = DiscreteTimeDenoiser(model, make_schedule("linear").alphas_cumprod)
     x, k = NOISE * 3.0, 400
     sigma = den.sigmas[k]
     x0_hat = den(x, sigma)
@@ -604,12 +618,12 @@ def test_eps_denoiser_output_and_batching():
 
 def test_eps_denoiser_validation():
     with pytest.raises(ValueError, match="alphas_cumprod must be"):
-        EpsDenoiser(MODELS["linear"], torch.tensor([0.5], dtype=F64))
+        DiscreteTimeDenoiser(MODELS["linear"], torch.tensor([0.5], dtype=F64))
     with pytest.raises(ValueError, match="alphas_cumprod must be"):
-        EpsDenoiser(MODELS["linear"], torch.tensor([1.0, 0.5], dtype=F64))
+        DiscreteTimeDenoiser(MODELS["linear"], torch.tensor([1.0, 0.5], dtype=F64))
     with pytest.raises(ValueError, match="strictly decreasing"):
-        EpsDenoiser(MODELS["linear"], torch.tensor([0.5, 0.6], dtype=F64))
-    den = EpsDenoiser(MODELS["linear"], make_schedule("linear").alphas_cumprod)
+        DiscreteTimeDenoiser(MODELS["linear"], torch.tensor([0.5, 0.6], dtype=F64))
+    den = DiscreteTimeDenoiser(MODELS["linear"], make_schedule("linear").alphas_cumprod)
     with pytest.raises(ValueError, match=r"t must lie in \[0, 999\]"):
         den.t_to_sigma(torch.tensor([1000.0]))
     with pytest.raises(ValueError, match="strictly decreasing"):

@@ -1,4 +1,4 @@
-"""diffkit.schedules: betas equal diffusers' DDPMScheduler; derived tables; validation;
+"""diffkit.diffusion.schedules: betas equal diffusers' DDPMScheduler; derived tables; validation;
 zero terminal SNR equals diffusers' rescale; the Gaussian gap of a reverse step."""
 
 import math
@@ -9,8 +9,14 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_rescale
 
-from diffkit.schedules import (KINDS, Schedule, make_schedule, rescale_zero_terminal_snr,
-                               reverse_step_gaussian_gap, zero_terminal_snr)
+from diffkit.diffusion.schedules import (
+    KINDS,
+    Schedule,
+    make_schedule,
+    rescale_zero_terminal_snr,
+    reverse_step_gaussian_gap,
+    zero_terminal_snr,
+)
 
 DIFFUSERS = {
     "linear": dict(beta_schedule="linear"),

@@ -1,6 +1,6 @@
 """Score-based models: Tweedie, denoising score matching, Langevin dynamics, the VP/VE SDE samplers.
 
-Everything is checked against the analytic Gaussian mixture (diffkit.gmm), whose score, denoiser
+Everything is checked against the analytic Gaussian mixture (diffkit.diffusion.gmm), whose score, denoiser
 and probability-flow ODE solution are exact. Monte Carlo checks compare with their standard error.
 """
 
@@ -11,8 +11,10 @@ import math
 import pytest
 import torch
 
-from diffkit import score
-from diffkit.gmm import GaussianMixture
+from diffkit.diffusion import score
+from diffkit.diffusion import sde as sdes
+from diffkit.diffusion.gmm import GaussianMixture
+from diffkit.eval import distributions
 from diffkit.train import train
 
 F64 = torch.float64
@@ -38,15 +40,15 @@ def test_tweedie_score_equals_autograd_of_log_density(sigma):
     assert torch.allclose(eps_hat, (x - MIXTURE.denoise(x, sigma)) / sigma, atol=1e-12)
 
 
-@pytest.mark.parametrize("sde", [score.VPSDE(), score.VESDE(0.01, 50.0)], ids=["VP", "VE"])
+@pytest.mark.parametrize("sde", [sdes.VPSDE(), sdes.VESDE(0.01, 50.0)], ids=["VP", "VE"])
 @pytest.mark.parametrize("t", [0.01, 0.3, 0.9])
 def test_score_from_denoiser_is_the_score_of_the_sde_marginal(sde, t):
     """log p_t(x) = log p_sigma(x / s) - D log s for x(t) = s (x_0 + sigma eps)."""
     s, sigma = sde.scale(t), sde.sigma(t)
-    x = score.marginal_sample(MIXTURE, sde, t, 128, gen(2)).requires_grad_(True)
+    x = sdes.marginal_sample(MIXTURE, sde, t, 128, gen(2)).requires_grad_(True)
     log_p = MIXTURE.log_prob(x / s, sigma) - 2 * math.log(s)
     expected, = torch.autograd.grad(log_p.sum(), x)
-    got = score.score_from_denoiser(MIXTURE, sde)(x.detach(), t)
+    got = sdes.score_from_denoiser(MIXTURE, sde)(x.detach(), t)
     assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12)
 
 
@@ -125,8 +127,8 @@ def test_annealed_langevin_recovers_mode_weights_that_plain_langevin_keeps():
 
 # ---- SDEs --------------------------------------------------------------------------------------
 def test_vp_sde_discretised_is_the_ddpm_linear_schedule():
-    from diffkit.schedules import make_schedule
-    linear, vp = make_schedule("linear"), score.VPSDE(0.1, 20.0)
+    from diffkit.diffusion.schedules import make_schedule
+    linear, vp = make_schedule("linear"), sdes.VPSDE(0.1, 20.0)
     t = (torch.arange(linear.T, dtype=F64) + 1) / linear.T
     abar = torch.tensor([math.exp(vp.log_abar(float(u))) for u in t], dtype=F64)
     assert float((linear.alphas_cumprod.double() - abar).abs().max()) < 1e-3
@@ -134,12 +136,12 @@ def test_vp_sde_discretised_is_the_ddpm_linear_schedule():
 
 
 def test_vp_probability_flow_equals_the_sigma_ode_after_rescaling():
-    vp, t_end = score.VPSDE(), 1e-3
+    vp, t_end = sdes.VPSDE(), 1e-3
     x1 = vp.prior_sample((32, 2), gen(14))
     reference = RING.ode_reference(x1 / vp.scale(1.0), [vp.sigma(1.0), vp.sigma(t_end)])
     errors = []
     for n_steps in (200, 400):
-        x = score.probability_flow_sample(score.score_from_denoiser(RING, vp), vp, x1, n_steps,
+        x = sdes.probability_flow_sample(sdes.score_from_denoiser(RING, vp), vp, x1, n_steps,
                                           t_end=t_end)
         errors.append(float((x / vp.scale(t_end) - reference).abs().max()))
     assert errors[1] < 2e-3
@@ -147,18 +149,18 @@ def test_vp_probability_flow_equals_the_sigma_ode_after_rescaling():
 
 
 @pytest.mark.parametrize("kind", ["sde", "ode"])
-@pytest.mark.parametrize("sde", [score.VPSDE(), score.VESDE(0.01, 50.0)], ids=["VP", "VE"])
+@pytest.mark.parametrize("sde", [sdes.VPSDE(), sdes.VESDE(0.01, 50.0)], ids=["VP", "VE"])
 def test_samplers_match_the_exact_marginal(sde, kind):
     n, t_end = 2000, 1e-3
-    score_fn = score.score_from_denoiser(RING, sde)
+    score_fn = sdes.score_from_denoiser(RING, sde)
     prior = sde.prior_sample((n, 2), gen(15))
     if kind == "sde":
-        x = score.reverse_sde_sample(score_fn, sde, prior, 500, t_end=t_end, generator=gen(16))
+        x = sdes.reverse_sde_sample(score_fn, sde, prior, 500, t_end=t_end, generator=gen(16))
     else:
-        x = score.probability_flow_sample(score_fn, sde, prior, 100, t_end=t_end)
-    quality = score.distance_to_exact(
-        x, lambda m, g: score.marginal_sample(RING, sde, t_end, m, g), generator=gen(17), repeats=2)
-    fit = score.mixture_fit(RING, x / sde.scale(t_end))
+        x = sdes.probability_flow_sample(score_fn, sde, prior, 100, t_end=t_end)
+    quality = distributions.distance_to_exact(
+        x, lambda m, g: sdes.marginal_sample(RING, sde, t_end, m, g), generator=gen(17), repeats=2)
+    fit = distributions.mixture_fit(RING, x / sde.scale(t_end))
     # exact samples of this size score 0.95 +- 0.15 on the ratio, +-1.1 % on the spread and
     # 0.02 +- 0.007 on the weights (chapter 4); the bars are about four of those deviations
     assert quality["ratio"] < 2.0, quality
@@ -167,18 +169,18 @@ def test_samplers_match_the_exact_marginal(sde, kind):
 
 
 def test_reverse_sde_with_too_few_steps_is_measurably_wrong():
-    vp = score.VPSDE()
-    x = score.reverse_sde_sample(score.score_from_denoiser(RING, vp), vp,
+    vp = sdes.VPSDE()
+    x = sdes.reverse_sde_sample(sdes.score_from_denoiser(RING, vp), vp,
                                  vp.prior_sample((2000, 2), gen(18)), 10, generator=gen(19))
-    assert score.mixture_fit(RING, x / vp.scale(1e-3))["within_std"] > 0.15
+    assert distributions.mixture_fit(RING, x / vp.scale(1e-3))["within_std"] > 0.15
 
 
 def test_samplers_are_deterministic_given_the_generator():
-    ve = score.VESDE()
-    fn = score.score_from_denoiser(RING, ve)
+    ve = sdes.VESDE()
+    fn = sdes.score_from_denoiser(RING, ve)
     prior = ve.prior_sample((64, 2), gen(20))
-    a = score.reverse_sde_sample(fn, ve, prior, 20, generator=gen(21))
-    b = score.reverse_sde_sample(fn, ve, prior, 20, generator=gen(21))
+    a = sdes.reverse_sde_sample(fn, ve, prior, 20, generator=gen(21))
+    b = sdes.reverse_sde_sample(fn, ve, prior, 20, generator=gen(21))
     assert torch.equal(a, b)
     c = score.langevin(lambda y: RING.score(y, 0.1), prior / 50, 1e-3, 5, generator=gen(22))
     d = score.langevin(lambda y: RING.score(y, 0.1), prior / 50, 1e-3, 5, generator=gen(22))
@@ -188,7 +190,7 @@ def test_samplers_are_deterministic_given_the_generator():
 # ---- input validation --------------------------------------------------------------------------
 def test_bad_inputs_raise_value_errors():
     x = torch.zeros(4, 2, dtype=F64)
-    fn = score.score_from_denoiser(RING, score.VPSDE())
+    fn = sdes.score_from_denoiser(RING, sdes.VPSDE())
     with pytest.raises(ValueError, match="sigma must be finite and > 0"):
         score.denoiser_to_score(x, x, 0.0)
     with pytest.raises(ValueError, match="sigma must be a float or of shape"):
@@ -206,14 +208,14 @@ def test_bad_inputs_raise_value_errors():
     with pytest.raises(ValueError, match="strictly decreasing"):
         score.annealed_langevin(RING.score, x, [0.1, 1.0])
     with pytest.raises(ValueError, match="need 0 < sigma_min < sigma_max"):
-        score.VESDE(50.0, 0.01)
+        sdes.VESDE(50.0, 0.01)
     with pytest.raises(ValueError, match="need 0 < beta_min <= beta_max"):
-        score.VPSDE(0.0, 20.0)
+        sdes.VPSDE(0.0, 20.0)
     with pytest.raises(ValueError, match="n_steps must be an integer >= 1"):
-        score.reverse_sde_sample(fn, score.VPSDE(), x, 0)
+        sdes.reverse_sde_sample(fn, sdes.VPSDE(), x, 0)
     with pytest.raises(ValueError, match=r"t_end must lie in \(0, 1\)"):
-        score.probability_flow_sample(fn, score.VPSDE(), x, 10, t_end=0.0)
+        sdes.probability_flow_sample(fn, sdes.VPSDE(), x, 10, t_end=0.0)
     with pytest.raises(ValueError, match="method must be 'euler' or 'heun'"):
-        score.probability_flow_sample(fn, score.VPSDE(), x, 10, method="rk4")
+        sdes.probability_flow_sample(fn, sdes.VPSDE(), x, 10, method="rk4")
     with pytest.raises(ValueError, match=r"x must be a floating-point tensor of shape \(B, D\)"):
         score.ScoreNet()(torch.zeros(4, 2, 1), 1.0)

@@ -1,4 +1,4 @@
-"""diffkit.shapes: the captioned-shapes world, its captions and its pixel judge."""
+"""diffkit.data.shapes: the captioned-shapes world, its captions and its pixel judge."""
 
 import math
 from collections import Counter
@@ -7,10 +7,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffkit.shapes import (COLOURS, PALETTE, POSITION_CENTRES, POSITIONS, SHAPES, SIZES,
-                            TEMPLATES, ShapeObject, caption, caption_matches, judge,
-                            judge_accuracy, make_shapes, parse_caption)
-from diffkit.shapes_judge import estimate_background
+from diffkit.data.shapes import (
+    COLOURS,
+    PALETTE,
+    POSITION_CENTRES,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    TEMPLATES,
+    ShapeObject,
+    caption,
+    make_shapes,
+    parse_caption,
+)
+from diffkit.eval.shapes_judge import caption_matches, estimate_background, judge, judge_accuracy
 
 
 @pytest.fixture(scope="module", params=[32, 64])

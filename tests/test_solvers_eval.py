@@ -1,4 +1,4 @@
-"""diffkit.solvers_eval: NFE counting, exponential sigmas, plain Euler in lambda, slopes."""
+"""diffkit.eval.solvers: NFE counting, exponential sigmas, plain Euler in lambda, slopes."""
 
 from __future__ import annotations
 
@@ -7,10 +7,16 @@ import math
 import pytest
 import torch
 
-from diffkit.gmm import GaussianMixture
-from diffkit.samplers import sample_euler, sample_heun, sigmas_karras
-from diffkit.solvers_eval import (CountingDenoiser, error_at_sigma_min, fewest_nfe, loglog_slope,
-                                  sample_euler_lambda, sigmas_exponential)
+from diffkit.diffusion.gmm import GaussianMixture
+from diffkit.diffusion.samplers import sample_euler, sample_heun, sigmas_karras
+from diffkit.eval.solvers import (
+    CountingDenoiser,
+    error_at_sigma_min,
+    fewest_nfe,
+    loglog_slope,
+    sample_euler_lambda,
+    sigmas_exponential,
+)
 
 F64 = torch.float64
 GMM = GaussianMixture([[-2.0, 0.0], [2.0, 1.0], [0.0, 2.0]], [0.6, 0.8, 0.5], [0.5, 0.3, 0.2])

@@ -8,10 +8,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from diffkit import ddpm, train as train_module
-from diffkit.nets import MLPDenoiser
-from diffkit.schedules import make_schedule
-from diffkit.train import STATE_FORMAT, train
+from diffkit.diffusion import ddpm
+from diffkit.diffusion.schedules import make_schedule
+from diffkit.nn.mlp import MLPDenoiser
+from diffkit.train import loop as train_module
+from diffkit.train.loop import STATE_FORMAT, train
 
 SCHEDULE = make_schedule("linear", 100)
 POINTS = torch.randn(256, 2, generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,152 @@
+"""The SDEs of Song et al. 2021 (VE and VP), the score of a denoiser under them, and their
+reverse-SDE and probability-flow-ODE samplers. Points are (B, D); SDE time t is a float in (0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from diffkit.diffusion.score import ScoreFn, _noise, check_points
+
+
+# ---- the SDEs of Song et al. 2021: both have marginals x(t) = scale(t) (x_0 + sigma(t) eps) ----
+@dataclass(frozen=True)
+class VESDE:
+    """Variance exploding: dx = sqrt(d[sigma^2(t)]/dt) dw, sigma(t) = sigma_min (sigma_max /
+    sigma_min)^t (Song et al. 2021, eq. 9 and app. C). Prior N(0, sigma_max^2 I). The process is
+    taken to start from data already noised to sigma_min, so its marginal is exactly p_sigma(t)."""
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+
+    def __post_init__(self):
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got "
+                             f"{self.sigma_min}, {self.sigma_max}")
+
+    def sigma(self, t: float) -> float:
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+
+    def scale(self, t: float) -> float:
+        return 1.0
+
+    def drift(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+    def diffusion(self, t: float) -> float:
+        return self.sigma(t) * math.sqrt(2 * math.log(self.sigma_max / self.sigma_min))
+
+    def prior_sample(self, shape, generator=None, dtype=torch.float64) -> torch.Tensor:
+        return self.sigma_max * torch.randn(shape, generator=generator, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class VPSDE:
+    """Variance preserving: dx = -beta(t)/2 x dt + sqrt(beta(t)) dw, beta linear from beta_min to
+    beta_max (Song et al. 2021, eq. 11 and app. B: DDPM's chain with beta_i = beta(i/N)/N, large N).
+    abar(t) = exp(-int_0^t beta) = scale(t)^2, sigma(t) = sqrt(1/abar - 1). Prior N(0, I)."""
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+
+    def __post_init__(self):
+        if not 0 < self.beta_min <= self.beta_max:
+            raise ValueError(f"need 0 < beta_min <= beta_max, got {self.beta_min}, {self.beta_max}")
+
+    def beta(self, t: float) -> float:
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def log_abar(self, t: float) -> float:
+        return -(self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t ** 2)
+
+    def sigma(self, t: float) -> float:
+        return math.sqrt(math.expm1(-self.log_abar(t)))
+
+    def scale(self, t: float) -> float:
+        return math.exp(0.5 * self.log_abar(t))
+
+    def drift(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        return -0.5 * self.beta(t) * x
+
+    def diffusion(self, t: float) -> float:
+        return math.sqrt(self.beta(t))
+
+    def prior_sample(self, shape, generator=None, dtype=torch.float64) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, dtype=dtype)
+
+
+def score_from_denoiser(denoiser: Callable, sde) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """score_fn(x, t) = grad log p_t(x) for x(t) = s (x_0 + sigma eps), from a denoiser D(x, sigma):
+    (s D(x / s, sigma) - x) / (s^2 sigma^2), Tweedie's formula after the change of variables."""
+    def score_fn(x: torch.Tensor, t: float) -> torch.Tensor:
+        s, sigma = sde.scale(t), sde.sigma(t)
+        x0_hat = denoiser(x / s, torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device))
+        return (s * x0_hat - x) / (s * sigma) ** 2
+    return score_fn
+
+
+def _time_grid(n_steps: int, t_end: float) -> list[float]:
+    if not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
+    if not 0 < t_end < 1:
+        raise ValueError(f"t_end must lie in (0, 1), got {t_end}")
+    return torch.linspace(1.0, t_end, n_steps + 1, dtype=torch.float64).tolist()
+
+
+@torch.no_grad()
+def reverse_sde_sample(score_fn: ScoreFn, sde, x: torch.Tensor, n_steps: int, *,
+                       t_end: float = 1e-3, generator: torch.Generator | None = None,
+                       callback: Callable | None = None) -> torch.Tensor:
+    """Euler-Maruyama on the reverse SDE dx = [f(x,t) - g(t)^2 grad log p_t(x)] dt + g(t) dw_bar
+    (Anderson 1982; Song et al. 2021, eq. 6), from t = 1 to t_end on a uniform grid.
+
+    x: (B, D) drawn from the prior (``sde.prior_sample``). The last step adds no noise (the
+    "denoised" mean, as in Song et al.'s code). callback(i, t_next, x) after each step.
+    """
+    check_points(x)
+    ts = _time_grid(n_steps, t_end)
+    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        dt = t_next - t                                                # < 0: backwards in time
+        g = sde.diffusion(t)
+        x = x + (sde.drift(x, t) - g ** 2 * score_fn(x, t)) * dt
+        if i < n_steps - 1:
+            x = x + g * math.sqrt(-dt) * _noise(x, generator)
+        if callback is not None:
+            callback(i, t_next, x)
+    return x
+
+
+@torch.no_grad()
+def probability_flow_sample(score_fn: ScoreFn, sde, x: torch.Tensor, n_steps: int, *,
+                            t_end: float = 1e-3, method: str = "heun",
+                            callback: Callable | None = None) -> torch.Tensor:
+    """The probability-flow ODE dx/dt = f(x,t) - g(t)^2 grad log p_t(x) / 2 (Song et al. 2021,
+    eq. 13), Euler or Heun (2nd order) from t = 1 to t_end on a uniform grid. Deterministic."""
+    check_points(x)
+    if method not in ("euler", "heun"):
+        raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
+    ts = _time_grid(n_steps, t_end)
+
+    def velocity(y, t):
+        return sde.drift(y, t) - 0.5 * sde.diffusion(t) ** 2 * score_fn(y, t)
+
+    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        dt = t_next - t
+        d_cur = velocity(x, t)
+        x_next = x + d_cur * dt
+        if method == "heun":
+            x_next = x + 0.5 * (d_cur + velocity(x_next, t_next)) * dt
+        x = x_next
+        if callback is not None:
+            callback(i, t_next, x)
+    return x
+
+
+def marginal_sample(gmm, sde, t: float, n: int, generator: torch.Generator | None = None):
+    """n exact draws (n, D) of the SDE's marginal at time t on a Gaussian mixture:
+    s(t) (x_0 + sigma(t) eps)."""
+    x0 = gmm.sample(n, generator)
+    return sde.scale(t) * (x0 + sde.sigma(t) * torch.randn(x0.shape, generator=generator,
+                                                           dtype=x0.dtype))

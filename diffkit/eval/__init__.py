@@ -1,0 +1,1 @@
+"""Measuring models: distances, judges and their reports, sampler-error measures, probes."""

@@ -1,0 +1,1 @@
+"""Latent-space models built on diffusers parts (the VAE, Stable Diffusion, SDXL, ControlNet; chapters 8-13)."""

@@ -1,0 +1,107 @@
+"""The recipe registry: a recipe turns a seed into a checkpoint folder with its measured quality.
+
+A recipe is two plain functions: ``train(steps, device, state_path, progress) -> (result,
+hyperparameters)`` and ``measure(model, device) -> dict`` of quality figures, registered with
+the ``recipe`` decorator by the chapter-group modules of this package (this module imports
+none of them; ``diffkit.recipes`` imports them all). ``run`` adds the provenance (seed, wall
+time, device, versions) and saves ``checkpoints/NAME/`` atomically. The training state is kept
+in ``checkpoints/NAME.state.safetensors`` while training, so an interrupted ``python -m
+diffkit.train NAME`` resumes where it last saved. ``remeasure`` re-runs only the measurement
+of an existing checkpoint (e.g. after the judge changed).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from diffkit import checkpoints, config
+
+SEED = 0
+# every recipe trains on a 2-core CPU within this many seconds (DEVELOPERS.md); cards record it
+TIME_BAR_SECONDS = 30 * 60
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    steps: int
+    train: Callable
+    measure: Callable
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def recipe(name: str, description: str, steps: int, measure: Callable):
+    if name in RECIPES:
+        raise ValueError(f"recipe {name!r} is registered twice")
+
+    def register(fn):
+        RECIPES[name] = Recipe(name, description, steps, fn, measure)
+        return fn
+    return register
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
+def _spec(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
+    return RECIPES[name]
+
+
+def run(name: str, *, root=None, device=None, steps: int | None = None,
+        progress: bool = True) -> dict:
+    """Train recipe ``name``, measure it, and save its checkpoint; returns the card."""
+    spec = _spec(name)
+    steps = spec.steps if steps is None else steps
+    if steps <= 0:
+        raise ValueError(f"steps must be positive, got {steps}")
+    device = torch.device(device) if device is not None else config.device()
+    folder = checkpoints.checkpoint_dir(name, root)
+    state_path = folder.with_name(name + ".state.safetensors")
+    torch.manual_seed(SEED)  # weight initialisation
+    start = time.perf_counter()
+    result, hyper = spec.train(steps, device, state_path, progress)
+    measured_start = time.perf_counter()
+    measured = spec.measure(result.ema, device)
+    card = {
+        "recipe": name, "description": spec.description, "seed": SEED, "steps": steps,
+        "train_seconds": round(result.wall_time, 1),
+        "total_seconds": round(time.perf_counter() - start, 1),
+        "resumed_from_step": result.resumed_from,
+        "device": _device_name(device), "threads": torch.get_num_threads(),
+        "versions": checkpoints.library_versions(),
+        "model": {"class": type(result.ema).__name__, "module": type(result.ema).__module__,
+                  "kwargs": result.ema.config},
+        "hyperparameters": hyper,
+        "final_loss": sum(result.losses[-100:]) / len(result.losses[-100:]),
+        "measured": measured,
+        "measure_seconds": round(time.perf_counter() - measured_start, 1),
+        "measured_on": _device_name(device),
+    }
+    checkpoints.save(folder, result.ema.state_dict(), card)
+    state_path.unlink(missing_ok=True)
+    return card
+
+
+def remeasure(name: str, *, root=None, device=None) -> dict:
+    """Recompute the quality figures of an existing checkpoint and rewrite its card."""
+    spec = _spec(name)
+    device = torch.device(device) if device is not None else config.device()
+    folder = checkpoints.checkpoint_dir(name, root)
+    tensors, card = checkpoints.load(folder)
+    model, _ = checkpoints.load_model(name, root=root, device=device)
+    start = time.perf_counter()
+    card["measured"] = spec.measure(model, device)
+    card["measure_seconds"] = round(time.perf_counter() - start, 1)
+    card["measured_on"] = _device_name(device)
+    checkpoints.save(folder, tensors, card)
+    return card

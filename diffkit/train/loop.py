@@ -1,0 +1,181 @@
+"""One training loop for every chapter: AdamW, EMA weights, seeded, atomic saves, exact resume.
+
+``python -m diffkit.train RECIPE`` trains a named recipe (see ``diffkit.recipes``) and writes
+``checkpoints/RECIPE/``; ``--list`` shows the recipes and ``--all`` trains every one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+STATE_FORMAT = "diffkit-train-state-v1"
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    wall_time: float = 0.0
+    resumed_from: int = 0
+
+
+def _as_tensors(data) -> tuple[torch.Tensor, ...]:
+    tensors = (data,) if isinstance(data, torch.Tensor) else tuple(data)
+    if not tensors or not all(isinstance(x, torch.Tensor) for x in tensors):
+        raise ValueError("data must be a tensor or a sequence of tensors")
+    n = tensors[0].shape[0]
+    if n == 0 or any(x.shape[0] != n for x in tensors):
+        raise ValueError(f"data tensors must share a non-zero first dimension, got "
+                         f"{[tuple(x.shape) for x in tensors]}")
+    return tensors
+
+
+def _lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, steps - warmup)  # cosine decay to 10% of the peak
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def save_state(path: Path, step: int, model, ema, optimizer, generator, losses,
+               settings: dict | None = None) -> None:
+    """Write the full training state to one safetensors file, atomically (temp + rename)."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
+    opt = optimizer.state_dict()
+    for index, slots in opt["state"].items():
+        for key, value in slots.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).cpu().contiguous()
+    tensors["rng"] = generator.get_state()
+    tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
+    meta = {"format": STATE_FORMAT, "step": str(step), "param_groups": json.dumps(opt["param_groups"]),
+            "settings": json.dumps(settings or {}, sort_keys=True)}
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, model, ema, optimizer, generator,
+               settings: dict | None = None) -> tuple[int, list[float]]:
+    """Restore what ``save_state`` wrote; returns (step, losses).
+
+    With ``settings``, refuse (ValueError) a state saved by a run with other settings: resuming
+    it would silently continue a different run (another learning-rate schedule, batch, seed).
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not a diffkit training state (format {meta.get('format')!r})")
+    saved = json.loads(meta.get("settings", "{}"))
+    if settings is not None and saved != json.loads(json.dumps(settings, sort_keys=True)):
+        raise ValueError(f"{path} was saved by a run with settings {saved}, not {settings}; "
+                         "delete it to start afresh")
+    tensors = load_file(str(path))
+    device = next(model.parameters()).device
+
+    def part(prefix):
+        return {k[len(prefix):]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
+
+    model.load_state_dict(part("model."))
+    ema.load_state_dict(part("ema."))
+    state: dict[int, dict] = {}
+    for key, value in part("optim.").items():
+        index, slot = key.split(".", 1)
+        # Adam keeps its step count on the CPU unless it is capturable/fused
+        state.setdefault(int(index), {})[slot] = value.cpu() if slot == "step" else value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    generator.set_state(tensors["rng"])
+    return int(meta["step"]), tensors["losses"].tolist()
+
+
+@torch.no_grad()
+def _ema_update(ema, model, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def train(model: torch.nn.Module, loss_fn: Callable, data, *, steps: int, batch_size: int = 128,
+          lr: float = 1e-3, weight_decay: float = 0.0, ema_decay: float = 0.999,
+          warmup: int = 100, lr_schedule: str = "cosine", grad_clip: float | None = 1.0,
+          seed: int = 0, state_path: str | os.PathLike | None = None, save_every: int = 500,
+          device=None, progress: bool = True, callback: Callable | None = None) -> TrainResult:
+    """Train ``model`` for ``steps`` minibatch steps of ``loss_fn(model, batch, generator)``.
+
+    ``data``: a tensor or tuple of tensors sharing their first dimension; each step draws
+    ``batch_size`` rows uniformly with replacement from the seeded CPU generator, which also
+    feeds the loss's own randomness, so a run is a pure function of ``seed``. With
+    ``state_path`` the state is saved every ``save_every`` steps (atomically) and a later call
+    resumes from it, ending with the same weights as an uninterrupted run.
+    ``callback(step, loss)`` runs after each step (it may raise to stop training).
+    """
+    if steps <= 0 or batch_size <= 0 or save_every <= 0:
+        raise ValueError(f"steps, batch_size and save_every must be positive, got "
+                         f"{steps}, {batch_size}, {save_every}")
+    if not 0 <= ema_decay < 1:
+        raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
+    if lr_schedule not in ("cosine", "constant"):
+        raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+    tensors = _as_tensors(data)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    step, losses = 0, []
+    path = Path(state_path) if state_path is not None else None
+    settings = dict(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                    ema_decay=ema_decay, warmup=warmup, lr_schedule=lr_schedule,
+                    grad_clip=grad_clip, seed=seed)
+    if path is not None and path.exists():
+        step, losses = load_state(path, model, ema, optimizer, generator, settings)
+    resumed_from, start = step, time.perf_counter()
+    bar = tqdm(total=steps, initial=step, disable=not progress, desc="train", mininterval=1.0)
+    while step < steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * _lr_factor(step, steps, warmup, lr_schedule)
+        index = torch.randint(0, tensors[0].shape[0], (batch_size,), generator=generator)
+        batch = tuple(x[index].to(device) for x in tensors)
+        # layers like Dropout draw from torch's global RNG: seed it from (seed, step) so a resumed
+        # run sees the same masks, and fork it so the caller's global state is left untouched
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed * 1_000_003 + step)
+            loss = loss_fn(model, batch, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        # the usual EMA warm-up: average over roughly the steps seen so far early on
+        _ema_update(ema, model, min(ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.4f}")
+        if path is not None and (step % save_every == 0 or step == steps):
+            save_state(path, step, model, ema, optimizer, generator, losses, settings)
+        if callback is not None:
+            callback(step, losses[-1])
+    bar.close()
+    model.eval()
+    return TrainResult(model, ema, losses, step, time.perf_counter() - start, resumed_from)
