@@ -87,7 +87,8 @@ def markdown_table(header: list[str], rows: list[list], *, digits: int = 3) -> s
         text = f"{value:.{digits}f}" if isinstance(value, float) else str(value)
         return text.replace("|", "\\|")
 
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(str(h).replace("|", "\\|") for h in header) + " |",
+             "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 

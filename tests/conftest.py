@@ -1,7 +1,12 @@
-"""Shared test setup."""
+"""Shared test setup, and the shipped checkpoints: a missing one fails, it never skips."""
+
+import functools
+import json
 
 import pytest
 import torch
+
+from diffkit import checkpoints
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -11,3 +16,32 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def _missing(name: str) -> str:
+    return (f"checkpoints/{name} is missing; every recipe ships its checkpoint: train it with "
+            f"python -m diffkit.train {name}")
+
+
+@pytest.fixture(scope="session")
+def shipped_card():
+    """shipped_card(name) -> the card.json of checkpoints/NAME; a missing one fails the test."""
+    def card(name: str) -> dict:
+        path = checkpoints.ROOT / name / "card.json"
+        if not path.exists():
+            pytest.fail(_missing(name))
+        return json.loads(path.read_text())
+    return card
+
+
+@pytest.fixture(scope="session")
+def shipped_model(shipped_card):
+    """shipped_model(name) -> (model in eval mode, card) of checkpoints/NAME, loaded once per
+    session (do not modify it); a missing checkpoint fails the test."""
+    @functools.cache
+    def model(name: str):
+        shipped_card(name)
+        if not (checkpoints.ROOT / name / "model.safetensors").exists():
+            pytest.fail(_missing(name))
+        return checkpoints.load_model(name)
+    return model

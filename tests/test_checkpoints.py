@@ -152,15 +152,15 @@ def test_library_versions():
     assert versions["torch"].split("+")[0] == torch.__version__.split("+")[0]
 
 
-def test_shipped_digits_judge():
-    judge, card = checkpoints.load_model("digits-judge")
+def test_shipped_digits_judge(shipped_model):
+    judge, card = shipped_model("digits-judge")
     assert isinstance(judge, DigitsJudge) and not judge.training
     assert card["recipe"] == "digits-judge"
     assert judge(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
-def test_shipped_toy2d_ddpm():
-    model, card = checkpoints.load_model("toy2d-ddpm")
+def test_shipped_toy2d_ddpm(shipped_model):
+    model, card = shipped_model("toy2d-ddpm")
     assert isinstance(model, MLPDenoiser) and not model.training
     assert card["recipe"] == "toy2d-ddpm"
     with torch.no_grad():
@@ -172,11 +172,8 @@ def test_shipped_toy2d_ddpm():
     assert on_disk.keys() == state.keys() and all(torch.equal(on_disk[k], state[k]) for k in state)
 
 
-def test_shipped_digits_ddpm():
-    if not (checkpoints.ROOT / "digits-ddpm").exists():
-        pytest.skip("checkpoints/digits-ddpm not trained yet "
-                    "(python -m diffkit.train digits-ddpm)")
-    model, card = checkpoints.load_model("digits-ddpm")
-    assert isinstance(model, UNet) and not model.training
+def test_shipped_digits_ddpm(shipped_model):
+    model, card = shipped_model("digits-ddpm")
+    assert isinstance(model, UNet) and not model.training and card["recipe"] == "digits-ddpm"
     with torch.no_grad():
         assert model(torch.zeros(2, 1, 8, 8), torch.tensor([0, 999])).shape == (2, 1, 8, 8)

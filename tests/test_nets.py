@@ -1,10 +1,12 @@
 """diffkit.nn.unet: timestep embedding, the MLP denoiser and the UNet."""
 
+import copy
 import math
 
 import pytest
 import torch
 
+from diffkit.nn import embeddings
 from diffkit.nn.embeddings import timestep_embedding
 from diffkit.nn.mlp import MLPDenoiser
 from diffkit.nn.unet import UNet
@@ -71,7 +73,9 @@ def test_mlp_class_conditional():
     x, t = torch.randn(4, 2), torch.full((4,), 10)
     y = torch.tensor([0, 1, 2, 0])
     assert not torch.allclose(net(x, t, y), net(x, t, (y + 1) % 3))
-    torch.testing.assert_close(net(x, t), net(x, t, torch.full((4,), 3)))  # the null label
+    with pytest.raises(ValueError, match="num_classes=3: pass labels y"):  # no silent null label
+        net(x, t)
+    assert not torch.allclose(net(x, t, torch.full((4,), 3)), net(x, t, y))  # the null label
     with pytest.raises(ValueError, match="y must"):
         net(x, t, torch.zeros(3, dtype=torch.long))
 
@@ -100,6 +104,36 @@ def test_unet_rows_are_independent():
     torch.testing.assert_close(full[1:2], single, rtol=1e-5, atol=1e-5)
 
 
+def _float32_embedding(t, dim, max_period=10000.0):
+    """The embedding as the shipped models were trained: t of any dtype embedded in float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    args = t.to(torch.float32)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def test_unet_double_runs_in_float64_and_float32_is_unchanged(monkeypatch):
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, base_channels=8, emb_dim=16, num_classes=10).eval()
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([3.0, 250.5, 999.0]), torch.tensor([1, 4, 10])
+    with torch.no_grad():
+        out32 = net(x, t, y)
+        out_long = net(x, torch.tensor([3, 250, 999]), y)
+        net64 = copy.deepcopy(net).double()
+        out64 = net64(x.double(), t.double(), y)
+        with monkeypatch.context() as m:   # the float32 path is the old one, bit for bit
+            m.setattr(embeddings, "timestep_embedding", _float32_embedding)
+            old32 = net(x, t, y)
+            old_long = net(x, torch.tensor([3, 250, 999]), y)
+    assert out32.dtype == torch.float32 and out64.dtype == torch.float64
+    assert torch.equal(out32, old32) and torch.equal(out_long, old_long)
+    assert timestep_embedding(t.double(), 16).dtype == torch.float64
+    # float64 keeps the fractional t that float32 rounds (t = 250.5 is exact in both; the
+    # outputs agree to float32 rounding)
+    torch.testing.assert_close(out64.float(), out32, rtol=1e-4, atol=1e-4)
+    assert (out64 - out32.double()).abs().max() > 0      # really computed in float64
+
+
 def test_unet_without_attention():
     net = UNet(in_channels=1, base_channels=8, emb_dim=16, attention=False)
     assert net(torch.randn(2, 1, 8, 8), torch.tensor([1, 2])).shape == (2, 1, 8, 8)
@@ -112,10 +146,10 @@ def test_unet_class_conditional():
         y3 = net(x, t, torch.tensor([3, 3, 3]))
         y7 = net(x, t, torch.tensor([7, 7, 7]))
         null = net(x, t, torch.full((3,), 10))
-        none = net(x, t)
+        with pytest.raises(ValueError, match="pass labels y.*null label"):
+            net(x, t)                     # the unconditional model is asked for explicitly
     assert y3.shape == (3, 1, 8, 8)
     assert (y3 - y7).abs().max() > 1e-5 and (y3 - null).abs().max() > 1e-5
-    torch.testing.assert_close(none, null)
     with pytest.raises(ValueError, match="y must"):
         net(x, t, torch.tensor([1, 2]))
 
@@ -157,3 +191,10 @@ def test_gradients_reach_every_parameter(make, x, kw):
     for name, p in net.named_parameters():
         assert p.grad is not None, name
         assert p.grad.abs().sum() > 0, name
+
+
+def test_float64_timesteps_into_a_float32_network():
+    net = UNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, emb_dim=16).eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3.0, 500.0])
+    with torch.no_grad():
+        assert torch.allclose(net(x, t.double()), net(x, t), atol=1e-6)

@@ -31,8 +31,8 @@ def test_image_grid_rejects_bad_shapes():
 
 
 def test_markdown_table_formats_and_checks_rows():
-    text = plots.markdown_table(["a", "b"], [[1, 0.12345], ["x|y", 2.0]], digits=2)
-    assert text.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.12 |", "| x\\|y | 2.00 |"]
+    text = plots.markdown_table(["a", "|b|"], [[1, 0.12345], ["x|y", 2.0]], digits=2)
+    assert text.splitlines() == ["| a | \\|b\\| |", "|---|---|", "| 1 | 0.12 |", "| x\\|y | 2.00 |"]
     with pytest.raises(ValueError, match="row 0 has 1 cells, expected 2"):
         plots.markdown_table(["a", "b"], [[1]])
     with pytest.raises(ValueError, match="header"):

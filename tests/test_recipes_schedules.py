@@ -1,11 +1,8 @@
 """diffkit.recipes.schedules: the digits-ddpm-cosine recipe and its shipped checkpoint."""
 
-import json
-
-import pytest
 import torch
 
-from diffkit import checkpoints, recipes
+from diffkit import recipes
 
 NAME = "digits-ddpm-cosine"
 
@@ -33,15 +30,9 @@ def test_same_recipe_as_digits_ddpm_but_the_schedule(tmp_path):
     assert lin.losses != cos.losses
 
 
-def _card():
-    path = checkpoints.ROOT / NAME / "card.json"
-    if not path.exists():
-        pytest.skip(f"checkpoints/{NAME} not trained yet (python -m diffkit.train {NAME})")
-    return json.loads(path.read_text())
-
-
-def test_shipped_card_quality():
-    card = _card()
+def test_shipped_card_quality(shipped_card):
+    # the card's figures; tests/test_shipped_models.py re-measures them live
+    card = shipped_card(NAME)
     assert card["recipe"] == NAME and card["steps"] == recipes.RECIPES[NAME].steps
     assert card["hyperparameters"]["schedule"] == "cosine"
     m = card["measured"]
@@ -53,10 +44,9 @@ def test_shipped_card_quality():
     assert m["frechet"] < 3 * m["frechet_floor"]
 
 
-def test_shipped_checkpoint_loads():
-    card = _card()
-    model, loaded = checkpoints.load_model(NAME)
-    assert loaded == card and type(model).__name__ == card["model"]["class"]
+def test_shipped_checkpoint_loads(shipped_card, shipped_model):
+    model, loaded = shipped_model(NAME)
+    assert loaded == shipped_card(NAME) and type(model).__name__ == loaded["model"]["class"]
     with torch.no_grad():
         out = model(torch.zeros(2, 1, 8, 8), torch.tensor([0, 999]))
     assert out.shape == (2, 1, 8, 8) and bool(torch.isfinite(out).all())

@@ -82,7 +82,32 @@ class ToyEps:
         return eps.reshape(x.shape)
 
 
+class Predicts:
+    """A ToyEps re-expressed as an x0 or v network (diffusers' prediction_type "sample" or
+    "v_prediction"): x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), v = sqrt(abar) eps -
+    sqrt(1 - abar) x0, abar(t) interpolated as ToyEps does. The same function of (x_t, t), so
+    each sampler's path is the eps model's; what differs is the parametrisation undone."""
+
+    def __init__(self, eps_model: ToyEps, prediction: str):
+        self.eps_model, self.prediction = eps_model, prediction
+
+    def __call__(self, x, t):
+        eps = self.eps_model(x, t)
+        t = torch.as_tensor(t, dtype=F64).reshape(-1)
+        abar_table = self.eps_model.abar
+        low = t.floor().long().clamp(0, len(abar_table) - 2)
+        abar = torch.lerp(abar_table[low], abar_table[low + 1], t - low).to(x.dtype)
+        a, s = (v.reshape(-1, *[1] * (x.ndim - 1)) for v in (abar.sqrt(), (1 - abar).sqrt()))
+        x0 = (x - s * eps) / a
+        return x0 if self.prediction == "x0" else a * eps - s * x0
+
+
 MODELS = {beta: ToyEps(KIND[beta]) for beta in BETAS}
+PREDICTION_TYPE = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+
+
+def model_for(beta, prediction="eps"):
+    return MODELS[beta] if prediction == "eps" else Predicts(MODELS[beta], prediction)
 NOISE = torch.randn(4, 2, 3, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
 
 
@@ -126,9 +151,11 @@ VP_SAMPLERS = {"ddim": (DDIMScheduler, sample_ddim), "ddpm": (DDPMScheduler, sam
 CASTS_SAMPLE_TO_FP32 = ("euler", "euler_ancestral", "dpmpp_2m")   # sample.to(float32) in step
 
 
-def build(name, beta, n, spacing, *, karras=False, float64=False, steps_offset=0, **cfg):
+def build(name, beta, n, spacing, *, karras=False, float64=False, steps_offset=0,
+          prediction="eps", **cfg):
     """The diffusers scheduler after set_timesteps, diffkit's denoiser and sigmas on its tables."""
-    cfg.update(timestep_spacing=spacing, steps_offset=steps_offset)
+    cfg.update(timestep_spacing=spacing, steps_offset=steps_offset,
+               prediction_type=PREDICTION_TYPE[prediction])
     if karras:
         cfg["use_karras_sigmas"] = True
     if name in ("ddim", "ddpm"):
@@ -139,7 +166,8 @@ def build(name, beta, n, spacing, *, karras=False, float64=False, steps_offset=0
     sched.set_timesteps(n)
     abar = make_schedule(KIND[beta]).alphas_cumprod if float64 else sched.alphas_cumprod
     quantize = name == "dpmpp_2m" and karras and beta != "squaredcos_cap_v2"
-    den = DiscreteTimeDenoiser(MODELS[beta], abar, quantize=quantize)
+    den = DiscreteTimeDenoiser(model_for(beta, prediction), abar, prediction=prediction,
+                               quantize=quantize)
     if karras:   # with "linspace" spacing: from the table's sigma_max down to its sigma_min
         sigmas = sigmas_karras(n, den.sigma_min, den.sigma_max)
     else:
@@ -166,7 +194,8 @@ def write_float64_tables(name, sched, den, sigmas, abar):
 
 
 def run_both(name, beta, sched, den, sigmas, *, eta=0.0, seed=7):
-    """Run diffusers' loop and diffkit's sampler from the same start: (ref, ours, peak |sample|)."""
+    """Run diffusers' loop and diffkit's sampler from the same start: (ref, ours, peak |sample|).
+    Both run the network the denoiser wraps (``den.model``)."""
     sampler = {**K_SAMPLERS, **VP_SAMPLERS}[name][1]
     kw_ref, options = ({"eta": eta}, {"eta": eta}) if name == "ddim" else ({}, {})
     if name in ("euler_ancestral", "ddpm") or eta > 0:   # same seed, noise drawn in the same order
@@ -174,10 +203,10 @@ def run_both(name, beta, sched, den, sigmas, *, eta=0.0, seed=7):
         options["generator"] = torch.Generator().manual_seed(seed)
     if name in K_SAMPLERS:
         x = NOISE * float(sched.init_noise_sigma)     # sigma_max, or sqrt(sigma_max^2+1) if leading
-        ref, peak = k_loop(sched, MODELS[beta], x.clone(), **kw_ref)
+        ref, peak = k_loop(sched, den.model, x.clone(), **kw_ref)
     else:
         x = NOISE * sigmas[0]                            # x_t = sqrt(abar) x_sigma:
-        ref, peak = vp_loop(sched, MODELS[beta], x / (1 + sigmas[0] ** 2) ** 0.5, **kw_ref)
+        ref, peak = vp_loop(sched, den.model, x / (1 + sigmas[0] ** 2) ** 0.5, **kw_ref)
     ours = sampler(den, x.clone(), sigmas, **options)
     return ref, ours, peak
 
@@ -226,6 +255,30 @@ def grid(name, beta, float64):
 def test_parity_with_diffusers(name, beta, float64):
     for spacing, n in grid(name, beta, float64):
         parity(name, beta, n, spacing, float64=float64)
+
+
+@TIERS
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+@pytest.mark.parametrize("beta", list(BETAS))
+@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m", "ddim", "ddpm"])
+def test_parity_v_and_x0_prediction(name, beta, prediction, float64):
+    """DiscreteTimeDenoiser(prediction="v" / "x0") against the schedulers configured with
+    prediction_type="v_prediction" / "sample", at the eps parity's tolerances (SD 2.x and
+    zero-terminal-SNR models are v-prediction). Diffusers' Euler-ancestral has no "sample": it
+    runs with "v" only, in the next test."""
+    for spacing, n in grid(name, beta, float64)[:2]:
+        parity(name, beta, n, spacing, float64=float64, prediction=prediction)
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_parity_v_and_x0_prediction_karras_and_stochastic(prediction):
+    parity("dpmpp_2m", "scaled_linear", 25, "linspace", float64=True, karras=True,
+           prediction=prediction)
+    parity("ddim", "scaled_linear", 10, "trailing", float64=True, eta=1.0, prediction=prediction)
+    parity("ddpm", "linear", 25, "linspace", float64=True, prediction=prediction)
+    if prediction == "v":   # EulerAncestralDiscreteScheduler has no "sample"
+        parity("euler_ancestral", "scaled_linear", 10, "trailing", float64=True,
+               prediction=prediction)
 
 
 @TIERS

@@ -186,3 +186,30 @@ def test_bad_arguments_raise(overrides):
 def test_bad_data_raises(data):
     with pytest.raises(ValueError, match="data"):
         train(small_mlp(), ddpm_loss, data, steps=2, progress=False)
+
+
+class Capped(nn.Module):
+    """A model with a parameter kept <= 1 by ``clamp_parameters``, counting its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.5]))
+        self.calls = []
+
+    def clamp_parameters(self):
+        self.calls.append(float(self.w.detach()))  # what the step left, before the clamp
+        with torch.no_grad():
+            self.w.clamp_(max=1.0)
+
+
+def test_clamp_parameters_runs_after_every_optimiser_step():
+    def loss_fn(model, batch, generator):
+        return -10 * model.w.sum()                 # pushes w up, past the cap of 1
+
+    model = Capped()
+    result = train(model, loss_fn, POINTS, steps=20, batch_size=4, lr=0.1, warmup=1,
+                   ema_decay=0.5, progress=False)
+    assert len(model.calls) == 20                  # once per step
+    assert max(model.calls) > 1.0                  # the steps did cross the cap...
+    assert result.model.w.item() == 1.0            # ...and the clamp put w back on it
+    assert result.ema.w.item() <= 1.0              # an average of capped values

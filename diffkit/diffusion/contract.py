@@ -24,9 +24,21 @@ def check_sampler_input(x: torch.Tensor, sigmas) -> tuple[torch.Tensor, torch.Te
     return sigmas.to(x.device), x.new_ones(x.shape[0])
 
 
+def check_generator(generator: torch.Generator | None) -> None:
+    """All randomness is drawn on the CPU, so a seed gives the same numbers on every device."""
+    if generator is not None and (not isinstance(generator, torch.Generator)
+                                  or generator.device.type != "cpu"):
+        where = getattr(generator, "device", type(generator).__name__)
+        raise ValueError(f"generator must be a CPU torch.Generator (noise is drawn on the CPU, "
+                         f"then moved to x's device), got one on {where}: pass "
+                         f"torch.Generator().manual_seed(seed)")
+
+
 def draw_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+    """eps ~ N(0, I) of x's shape and dtype: drawn on the CPU from ``generator``, then moved to
+    x's device (the one place noise is drawn, so CPU and GPU runs of a seed agree)."""
+    check_generator(generator)
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
 
 
 def report_step(callback, i, x, sigma, sigma_next, denoised) -> None:

@@ -16,9 +16,10 @@ sampler loop over the shared contract, all in the DDPM variables of the paper (x
   (eq. 13).
 * :func:`invert` -- DDIM inversion: the eta = 0 update run from low to high noise (sec. 5.4), as
   diffusers' ``DDIMInverseScheduler`` does it.
-* :func:`sample_ddpm_mean` -- DDPM's posterior mean plus noise of a chosen variance: the
-  "sigma-hat" sampler of Table 1 (1 - abar_t / abar_prev; diffusers' ``DDPMScheduler(
-  variance_type="fixed_large")``), DDPM itself, or no noise at all (which is not DDIM).
+* :func:`sample_ddpm_mean` -- DDPM's posterior mean plus noise of a chosen variance, by default
+  the "sigma-hat" sampler of Table 1 (1 - abar_t / abar_prev; diffusers' ``DDPMScheduler(
+  variance_type="fixed_large")``): chapter 3's name for :func:`diffkit.diffusion.ddpm.sample_ddpm`
+  with ``variance="large"``.
 
 Here the DDIM paper's sigma_t is called ``std`` in code and varsigma_t in the book, because
 sigma already names the continuous noise level (book/notation.md). ``abar_prev`` is abar of the
@@ -28,13 +29,10 @@ skipping), and 1 for the step to x_0.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from diffkit.diffusion.contract import check_sampler_input, draw_noise, report_step
-
-Denoiser = Callable[..., torch.Tensor]
+from diffkit.diffusion.contract import Denoiser, check_sampler_input, draw_noise, report_step
+from diffkit.diffusion.ddpm import sample_ddpm
 
 
 def _pair(abar_t, abar_prev) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,16 +121,13 @@ def sample_forward(x0: torch.Tensor, alphas_cumprod: torch.Tensor, eta=0.0, *,
         raise ValueError(f"eta must be a float or a tensor of shape (T,) = ({T},)")
     keep = set(range(T)) if keep is None else set(keep)
 
-    def randn():
-        return torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-
     a = _like(abar[-1], x0)
-    x = a.sqrt() * x0 + (1 - a).sqrt() * randn()
+    x = a.sqrt() * x0 + (1 - a).sqrt() * draw_noise(x0, generator)
     out = {T - 1: x} if T - 1 in keep else {}
     for t in range(T - 1, 0, -1):
         std = ddim_sigma(abar[t], abar[t - 1], etas[t])
         mean, var = posterior(x0, x, abar[t], abar[t - 1], std)
-        x = mean + var.sqrt() * randn()
+        x = mean + var.sqrt() * draw_noise(x0, generator)
         if t - 1 in keep:
             out[t - 1] = x
     return out
@@ -205,36 +200,17 @@ def invert(denoiser: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, *, callba
     return x
 
 
-VARIANCES = ("large", "small", "none")
-
-
-@torch.no_grad()
 def sample_ddpm_mean(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
                      variance: str = "large", generator=None, callback=None,
                      extra_args: dict | None = None) -> torch.Tensor:
-    """Step to DDPM's posterior mean mu-tilde(x_t, x0_hat) (Ho et al. eq. 7), then add noise.
+    """Step to DDPM's posterior mean mu-tilde(x_t, x0_hat) (Ho et al. eq. 7), then add noise:
+    :func:`diffkit.diffusion.ddpm.sample_ddpm` with ``variance`` "large" by default.
 
-    ``variance``: "large" -- 1 - abar_t / abar_prev, Ho et al.'s sigma_t^2 = beta_t on a
-    subsequence: the "sigma-hat" row of DDIM's Table 1 and diffusers'
-    ``DDPMScheduler(variance_type="fixed_large")`` on "leading" timesteps; "small" -- beta-tilde,
-    which is :func:`diffkit.diffusion.samplers.sample_ddpm` (and DDIM with eta = 1); "none" -- no noise: a
-    deterministic sampler that is *not* DDIM(eta = 0), whose step also changes the weight of eps
-    (eq. 12). No noise on the last step to sigma = 0. Same contract as :mod:`diffkit.diffusion.samplers`.
-    With few steps the "large" variance exceeds 1 - abar_prev, all the noise x_{t-1} can hold.
+    "large" -- 1 - abar_t / abar_prev, Ho et al.'s sigma_t^2 = beta_t on a subsequence: the
+    "sigma-hat" row of DDIM's Table 1 and diffusers' ``DDPMScheduler(variance_type=
+    "fixed_large")`` on "leading" timesteps; "small" -- beta-tilde, which is ``sample_ddpm``
+    itself (and DDIM with eta = 1); "none" -- no noise: a deterministic sampler that is *not*
+    DDIM(eta = 0), whose step also changes the weight of eps (eq. 12).
     """
-    if variance not in VARIANCES:
-        raise ValueError(f"unknown variance {variance!r}; expected one of {VARIANCES}")
-    sigmas, s_in = check_sampler_input(x, sigmas)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma * s_in, **(extra_args or {}))
-        report_step(callback, i, x, sigma, sigma_next, denoised)
-        abar, abar_prev = 1 / (1 + sigma ** 2), 1 / (1 + sigma_next ** 2)
-        small = ddim_sigma(abar, abar_prev, 1.0)            # eta = 1: the mean is mu-tilde
-        mean, _ = posterior(denoised, abar.sqrt() * x, abar, abar_prev, small)
-        std = {"large": sigma_hat(abar, abar_prev), "small": small, "none": None}[variance]
-        x_prev = mean
-        if std is not None and sigma_next > 0:
-            x_prev = mean + std.to(x.dtype) * draw_noise(x, generator)
-        x = x_prev / abar_prev.sqrt()
-    return x
+    return sample_ddpm(denoiser, x, sigmas, variance=variance, generator=generator,
+                       callback=callback, extra_args=extra_args)

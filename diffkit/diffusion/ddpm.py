@@ -1,7 +1,11 @@
-"""DDPM (Ho et al. 2020): forward marginal, posterior, training losses and the ancestral step.
+"""DDPM (Ho et al. 2020): forward marginal, posterior, training losses, the ancestral step and
+sampler.
 
 Symbols (book/notation.md): x_0 data, x_t noisy sample, eps ~ N(0, I), beta_t, alpha_t,
-abar_t, t an integer tensor of shape (B,) with values in [0, T).
+abar_t, t an integer tensor of shape (B,) with values in [0, T). The posterior q(x_{t-1} | x_t,
+x_0) has one home, :func:`q_posterior`; the ancestral step :func:`p_step` (chapter 1's algorithm
+box) and the sampler :func:`sample_ddpm` (on the contract of :mod:`diffkit.diffusion.samplers`)
+call it, and :func:`sample` is the old call ``sample(model, schedule, shape)`` over the latter.
 """
 
 from __future__ import annotations
@@ -10,9 +14,17 @@ from typing import Callable
 
 import torch
 
+from diffkit.diffusion.contract import (
+    Denoiser,
+    check_generator,
+    check_sampler_input,
+    draw_noise,
+    report_step,
+)
+from diffkit.diffusion.denoisers import PREDICTIONS, DiscreteTimeDenoiser
 from diffkit.diffusion.schedules import Schedule
 
-TARGETS = ("eps", "x0", "v")
+TARGETS = PREDICTIONS                     # ("eps", "x0", "v")
 
 
 def _at(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -49,19 +61,33 @@ def _abar_prev(schedule: Schedule) -> torch.Tensor:
     return torch.cat([abar.new_ones(1), abar[:-1]])
 
 
+def q_posterior(x0: torch.Tensor, x_t: torch.Tensor, abar_t, abar_prev,
+                beta_t) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of q(x_{t-1} | x_t, x_0) between two levels abar_t < abar_prev (Ho et al.
+    eqs. 6-7), with alpha_t = 1 - beta_t:
+
+        mu-tilde   = sqrt(abar_prev) beta_t / (1 - abar_t) x_0
+                     + sqrt(alpha_t) (1 - abar_prev) / (1 - abar_t) x_t,
+        beta-tilde = (1 - abar_prev) / (1 - abar_t) beta_t.
+
+    beta_t = 1 - abar_t / abar_prev: the schedule's own beta_t on the full chain (pass it from the
+    table, where it is exact), the step of a subsequence otherwise (DDIM's Table 1). x0, x_t:
+    (B, ...); abar_t, abar_prev, beta_t: tensors broadcasting against them (0-d or (B, 1, ...)).
+    """
+    alpha_t = 1 - beta_t
+    mean = (abar_prev.sqrt() * beta_t / (1 - abar_t)) * x0 \
+        + (alpha_t.sqrt() * (1 - abar_prev) / (1 - abar_t)) * x_t
+    variance = (1 - abar_prev) / (1 - abar_t) * beta_t
+    return mean, variance
+
+
 def posterior_mean_variance(schedule: Schedule, x0: torch.Tensor, x_t: torch.Tensor,
                             t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance of q(x_{t-1} | x_t, x_0) (Ho et al. eqs. 6-7).
-
-    mean = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x_0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t
-    variance = (1 - abar_{t-1}) / (1 - abar_t) beta_t, shape (B, 1, ..., 1); zero at t = 0.
-    """
+    """Mean and variance of q(x_{t-1} | x_t, x_0) at the schedule's t (B,) (:func:`q_posterior`,
+    Ho et al. eqs. 6-7); the variance has shape (B, 1, ..., 1) and is zero at t = 0."""
     t = _check(schedule, t, x0=x0, x_t=x_t)
     abar, abar_prev = _at(schedule.alphas_cumprod, t, x0), _at(_abar_prev(schedule), t, x0)
-    beta, alpha = _at(schedule.betas, t, x0), _at(schedule.alphas, t, x0)
-    mean = (abar_prev.sqrt() * beta * x0 + alpha.sqrt() * (1 - abar_prev) * x_t) / (1 - abar)
-    variance = (1 - abar_prev) / (1 - abar) * beta
-    return mean, variance
+    return q_posterior(x0, x_t, abar, abar_prev, _at(schedule.betas, t, x0))
 
 
 def v_target(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor,
@@ -103,10 +129,11 @@ def training_loss(model: Callable, schedule: Schedule, x0: torch.Tensor, *, targ
     if target not in TARGETS:
         raise ValueError(f"unknown prediction target {target!r}; expected one of {TARGETS}")
     batch = x0.shape[0]
+    check_generator(generator)
     if t is None:
         t = torch.randint(0, schedule.T, (batch,), generator=generator).to(x0.device)
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        noise = draw_noise(x0, generator)
     x_t = q_sample(schedule, x0, t, noise)
     wanted = {"eps": noise, "x0": x0, "v": None}[target]
     if wanted is None:
@@ -117,40 +144,80 @@ def training_loss(model: Callable, schedule: Schedule, x0: torch.Tensor, *, targ
 
 def p_step(schedule: Schedule, eps: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
            noise: torch.Tensor) -> torch.Tensor:
-    """One ancestral step x_t -> x_{t-1} (Ho et al. Algorithm 2, line 4).
+    """One ancestral step x_t -> x_{t-1} (Ho et al. Algorithm 2, line 4):
 
-    x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) + sigma_t z, with
-    sigma_t^2 the posterior variance (1 - abar_{t-1}) / (1 - abar_t) beta_t (diffusers'
-    ``fixed_small``); no noise is added where t = 0.
+        x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) + sigma_t z,
+
+    which is the posterior mean mu-tilde(x_t, x0_hat) (eq. 7, :func:`q_posterior`) at
+    x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (eq. 15; eq. 11 is the algebra), plus
+    sigma_t z with sigma_t^2 the posterior variance beta-tilde_t (diffusers' ``fixed_small``);
+    no noise is added where t = 0. eps, x_t, noise: (B, ...); t: (B,).
     """
     t = _check(schedule, t, eps=eps, x_t=x_t, noise=noise)
-    beta, alpha = _at(schedule.betas, t, x_t), _at(schedule.alphas, t, x_t)
-    abar, abar_prev = _at(schedule.alphas_cumprod, t, x_t), _at(_abar_prev(schedule), t, x_t)
-    mean = (x_t - beta / (1 - abar).sqrt() * eps) / alpha.sqrt()
-    variance = (1 - abar_prev) / (1 - abar) * beta
+    x0_hat, _ = predict_x0_eps(schedule, eps, x_t, t, "eps")
+    mean, variance = posterior_mean_variance(schedule, x0_hat, x_t, t)
     return mean + variance.sqrt() * noise
+
+
+VARIANCES = ("small", "large", "none")
+
+
+@torch.no_grad()
+def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
+                variance: str = "small", generator=None, callback=None,
+                extra_args: dict | None = None) -> torch.Tensor:
+    """Ancestral DDPM on the sampler contract, Ho et al. 2020 Algorithm 2: x_{t-1} ~
+    q(x_{t-1} | x_t, x0_hat), eqs. 6-7 (:func:`q_posterior`).
+
+    Between consecutive sigmas, abar = 1 / (1 + sigma^2) and beta_t = 1 - abar_t / abar_prev: on
+    the schedule's own sigmas this is DDPM's chain (diffusers' DDPMScheduler), on a subsequence
+    the chain of DDIM's Table 1. ``variance``: "small" -- beta-tilde_t (``fixed_small``; DDIM
+    with eta = 1); "large" -- beta_t (Ho et al. sec. 3.2, the "sigma-hat" row of DDIM's Table 1,
+    ``fixed_large``); "none" -- no noise (deterministic, but *not* DDIM(eta = 0)). No noise on
+    the last step to sigma = 0. With few steps "large" exceeds 1 - abar_prev, all the noise
+    x_{t-1} can hold.
+    """
+    sigmas, s_in = check_sampler_input(x, sigmas)
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; expected one of {VARIANCES}")
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, sigma * s_in, **(extra_args or {}))
+        report_step(callback, i, x, sigma, sigma_next, denoised)
+        abar, abar_prev = 1 / (1 + sigma ** 2), 1 / (1 + sigma_next ** 2)
+        beta = 1 - abar / abar_prev                                     # beta_t of this step
+        mu_tilde, beta_tilde = q_posterior(denoised, abar.sqrt() * x, abar, abar_prev, beta)
+        var = {"small": beta_tilde, "large": beta, "none": torch.zeros_like(beta)}[variance]
+        x_prev = mu_tilde
+        if sigma_next > 0 and var > 0:
+            x_prev = mu_tilde + var.sqrt() * draw_noise(x, generator)
+        x = x_prev / abar_prev.sqrt()                                   # back to x_sigma
+    return x
 
 
 @torch.no_grad()
 def sample(model: Callable, schedule: Schedule, shape: tuple[int, ...], *, target: str = "eps",
            generator: torch.Generator | None = None, device=None, model_kwargs: dict | None = None,
-           callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Ancestral sampling from x_T ~ N(0, I) down to x_0 with ``p_step`` at every t.
+           callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Ancestral sampling from x_T ~ N(0, I) down to x_0 at every t (Algorithm 2): chapter 1's
+    call, run as :func:`sample_ddpm` on the schedule's T sigmas with ``model`` (predicting
+    ``target``) wrapped by :class:`DiscreteTimeDenoiser` (t rounded: the integer chain).
 
-    ``callback(t, x_t, x0_hat)`` is called at each step (for animations). Noise is drawn on the
-    CPU from ``generator`` so a seed gives the same samples on every device.
+    ``callback(t, x_t, x0_hat)`` is called at each step (for animations). x_T, then one noise
+    per step but the last, is drawn on the CPU from ``generator``, so a seed gives the same
+    samples on every device. Returns x_0 of ``shape`` on ``device``, in ``dtype`` (float32, as
+    the noise is drawn; float64 for a network run in double precision).
     """
     if any((not isinstance(n, int)) or n <= 0 for n in shape):
         raise ValueError(f"shape must be positive integers, got {shape}")
     device = torch.device("cpu") if device is None else torch.device(device)
-    x = torch.randn(shape, generator=generator).to(device)
-    table = schedule.to(device=device, dtype=x.dtype)
-    for step in reversed(range(schedule.T)):
-        t = torch.full((shape[0],), step, dtype=torch.long, device=device)
-        output = model(x, t, **(model_kwargs or {}))
-        x0_hat, eps = predict_x0_eps(table, output, x, t, target)
-        if callback is not None:
-            callback(step, x, x0_hat)
-        noise = torch.randn(shape, generator=generator).to(device) if step > 0 else torch.zeros_like(x)
-        x = p_step(table, eps, x, t, noise)
-    return x
+    x_T = draw_noise(torch.empty(shape, dtype=dtype, device=device), generator)
+    denoiser = DiscreteTimeDenoiser(model, schedule.alphas_cumprod, prediction=target,
+                                    quantize=True)
+    sigmas = torch.cat([denoiser.sigmas.flip(0), torch.zeros(1, dtype=torch.float64)])
+
+    def report(d):   # the contract's x_sigma back to chapter 1's x_t
+        callback(schedule.T - 1 - d["i"], d["x"] / (1 + d["sigma"] ** 2).sqrt(), d["denoised"])
+    return sample_ddpm(denoiser, x_T * (1 + sigmas[0] ** 2).sqrt(), sigmas, generator=generator,
+                       callback=None if callback is None else report, extra_args=model_kwargs)

@@ -157,16 +157,15 @@ class ClassifierFreeGuidance:
 
 class SigmaClassifier(DiscreteTimeDenoiser):
     """Wrap ``net(x_t, t) -> logits`` (trained on x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps)
-    as ``classifier(x, sigma) -> logits`` on x = x_sigma, exactly as :class:`DiscreteTimeDenoiser` wraps an
-    eps network: x_t = x / sqrt(sigma^2 + 1) and t = the fractional timestep of sigma
-    (log-sigma interpolation). alphas_cumprod: (T,) of the schedule the net was trained on.
+    as ``classifier(x, sigma) -> logits`` on x = x_sigma, with the network input of
+    :class:`DiscreteTimeDenoiser` (``model_input``): x_t = x / sqrt(sigma^2 + 1) and t = the
+    fractional timestep of sigma (log-sigma interpolation, from float64 sigma).
+    alphas_cumprod: (T,) of the schedule the net was trained on.
     """
 
     def __call__(self, x: torch.Tensor, sigma, **kwargs) -> torch.Tensor:
-        sigma = _per_sample(sigma, x)
-        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-        t = self.sigma_to_t(sigma.detach()).to(device=x.device, dtype=x.dtype)
-        return self.eps_model(x / (s ** 2 + 1) ** 0.5, t, **kwargs)
+        x_t, t, _ = self.model_input(x, sigma)
+        return self.model(x_t, t, **kwargs)
 
 
 class LabelledMixture:

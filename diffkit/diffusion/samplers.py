@@ -7,8 +7,9 @@ randomness comes from ``generator``. ``extra_args`` (a dict) is passed to every 
 conditioning and guidance live in the denoiser. Samplers run under ``torch.no_grad()``; a
 denoiser that needs gradients (classifier guidance) opens ``torch.enable_grad()`` itself.
 
-Networks trained to predict eps over integer t are wrapped once by
-:class:`diffkit.diffusion.denoisers.DiscreteTimeDenoiser`.
+Networks over integer t that predict eps, x0 or v are wrapped once by
+:class:`diffkit.diffusion.denoisers.DiscreteTimeDenoiser`. ``sample_ddpm`` lives with DDPM's
+posterior in :mod:`diffkit.diffusion.ddpm` and is listed here with the others.
 Every sampler equals its diffusers scheduler (tests/test_samplers.py: float64 tables to 1e-6,
 float32 tables to 1e-4). Where diffusers is not self-consistent the tests assert the gap:
 
@@ -32,6 +33,11 @@ import numpy as np
 import torch
 
 from diffkit.diffusion.contract import Denoiser, check_sampler_input, draw_noise, report_step
+from diffkit.diffusion.ddim import ddim_sigma
+from diffkit.diffusion.ddpm import sample_ddpm
+
+__all__ = ["get_ancestral_step", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_euler",
+           "sample_euler_ancestral", "sample_heun", "sigmas_karras", "spaced_timesteps"]
 
 SPACINGS = ("linspace", "leading", "trailing")
 
@@ -165,49 +171,25 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, et
     """DDIM, Song et al. 2021 eq. 12 with the eq. 16 variance scaled by eta, in sigma space.
 
     With abar = 1 / (1 + sigma^2) and x_t = sqrt(abar) x. eta = 0 is exactly Euler in sigma;
-    eta = 1 is the DDPM posterior step (:func:`sample_ddpm`) and equals Euler-ancestral.
+    eta = 1 is the DDPM posterior step (:func:`sample_ddpm`) and equals Euler-ancestral. eta > 1
+    would ask for more noise than x_{t-1} can hold (std^2 > 1 - abar_prev): refused.
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
+    if eta > 1:
+        raise ValueError(f"eta must be <= 1 (eta > 1 asks for a noise std above "
+                         f"sqrt(1 - abar_prev)), got {eta}")
     sigmas, s_in = check_sampler_input(x, sigmas)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma * s_in, **(extra_args or {}))
         report_step(callback, i, x, sigma, sigma_next, denoised)
-        abar, abar_prev = 1 / (1 + sigma ** 2), 1 / (1 + sigma_next ** 2)
         eps = (x - denoised) / sigma                                    # eps_hat(x_t)
-        std = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()   # eq. 16
+        abar, abar_prev = 1 / (1 + sigma ** 2), 1 / (1 + sigma_next ** 2)
+        std = ddim_sigma(abar, abar_prev, eta)                          # eq. 16
         dir_xt = (1 - abar_prev - std ** 2).clamp(min=0).sqrt() * eps   # "direction to x_t"
         x_prev = abar_prev.sqrt() * denoised + dir_xt                   # eq. 12, in x_t space
         if std > 0:
             x_prev = x_prev + std * draw_noise(x, generator)
         x = x_prev / abar_prev.sqrt()                                   # back to x_sigma
     return x
-
-
-@torch.no_grad()
-def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator=None,
-                callback=None, extra_args: dict | None = None) -> torch.Tensor:
-    """Ancestral DDPM, Ho et al. 2020 eqs. 6-7: x_{t-1} ~ q(x_{t-1} | x_t, x0_hat).
-
-    On consecutive sigmas; beta_t = 1 - abar_t / abar_{t-1} with abar = 1 / (1 + sigma^2), so
-    the schedule's own sigmas reproduce diffusers' DDPMScheduler (fixed_small variance).
-    """
-    sigmas, s_in = check_sampler_input(x, sigmas)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma * s_in, **(extra_args or {}))
-        report_step(callback, i, x, sigma, sigma_next, denoised)
-        abar, abar_prev = 1 / (1 + sigma ** 2), 1 / (1 + sigma_next ** 2)
-        alpha = abar / abar_prev
-        beta = 1 - alpha
-        x_t = abar.sqrt() * x
-        mu_tilde = (abar_prev.sqrt() * beta / (1 - abar)) * denoised \
-            + (alpha.sqrt() * (1 - abar_prev) / (1 - abar)) * x_t      # eq. 7, posterior mean
-        beta_tilde = (1 - abar_prev) / (1 - abar) * beta                # eq. 7, variance
-        x_prev = mu_tilde
-        if beta_tilde > 0:
-            x_prev = mu_tilde + beta_tilde.sqrt() * draw_noise(x, generator)
-        x = x_prev / abar_prev.sqrt()                                   # back to x_sigma
-    return x
-

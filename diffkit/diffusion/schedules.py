@@ -18,9 +18,13 @@ import torch
 KINDS = ("linear", "scaled_linear", "cosine")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Schedule:
-    """A discrete variance schedule; every table is derived from ``betas`` (T,)."""
+    """A discrete variance schedule; every table is derived from ``betas`` (T,).
+
+    ``eq=False``: two schedules compare (and hash) by identity, since the generated ``__eq__``
+    would compare tensor fields and raise; compare ``betas`` with ``torch.equal`` instead.
+    """
 
     betas: torch.Tensor
     kind: str = "custom"

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from diffkit.diffusion.contract import check_generator, draw_noise
 from diffkit.nn.mlp import MLPDenoiser
 
 ScoreFn = Callable[..., torch.Tensor]
@@ -27,11 +28,6 @@ ScoreFn = Callable[..., torch.Tensor]
 def check_points(x, what: str = "x") -> None:
     if not isinstance(x, torch.Tensor) or x.ndim != 2 or not torch.is_floating_point(x):
         raise ValueError(f"{what} must be a floating-point tensor of shape (B, D)")
-
-
-def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
 
 
 def _per_sample(sigma, x: torch.Tensor) -> torch.Tensor:
@@ -82,9 +78,10 @@ def dsm_objective(sigma_min: float = 0.01, sigma_max: float = 10.0) -> Callable:
 
     def loss_fn(model, batch, generator):
         x0 = batch[0]
+        check_generator(generator)
         u = torch.rand(x0.shape[0], generator=generator)
         sigma = (math.log(sigma_min) + u * math.log(sigma_max / sigma_min)).exp().to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        eps = draw_noise(x0.float(), generator).to(x0.dtype)   # float32 draws, as trained
         return dsm_loss(model.score, x0, sigma, eps)
     return loss_fn
 
@@ -130,7 +127,7 @@ def langevin(score_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
         raise ValueError(f"need step_size > 0 and an integer n_steps >= 1, got "
                          f"{step_size}, {n_steps!r}")
     for k in range(n_steps):
-        x = x + 0.5 * step_size * score_fn(x) + math.sqrt(step_size) * _noise(x, generator)
+        x = x + 0.5 * step_size * score_fn(x) + math.sqrt(step_size) * draw_noise(x, generator)
         if callback is not None:
             callback(k, x)
     return x

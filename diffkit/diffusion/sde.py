@@ -1,5 +1,13 @@
 """The SDEs of Song et al. 2021 (VE and VP), the score of a denoiser under them, and their
 reverse-SDE and probability-flow-ODE samplers. Points are (B, D); SDE time t is a float in (0, 1].
+
+On the sampler contract: in x_sigma = x(t) / scale(t) both SDEs are dx = sqrt(d[sigma^2]/dt) dw
+(for VP, Ito on x / scale cancels the drift), so they differ only by sigma(t), and the contract's
+samplers on sigmas = sigma(t_i) integrate them: ``sample_euler`` / ``sample_heun`` the
+probability-flow ODE dx/dsigma = (x - D) / sigma (Karras et al. 2022, eq. 3), and
+``sample_euler_ancestral`` the reverse SDE. They step in sigma; the samplers below step in t on a
+uniform grid (Euler-Maruyama's g(t_i)^2 dt and the VP drift are not functions of the list of
+sigmas) and stop at t_end > 0, as chapter 4 measures them, so they keep their own signature.
 """
 
 from __future__ import annotations
@@ -10,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from diffkit.diffusion.score import ScoreFn, _noise, check_points
+from diffkit.diffusion.contract import draw_noise
+from diffkit.diffusion.score import ScoreFn, check_points
 
 
 # ---- the SDEs of Song et al. 2021: both have marginals x(t) = scale(t) (x_0 + sigma(t) eps) ----
@@ -112,7 +121,7 @@ def reverse_sde_sample(score_fn: ScoreFn, sde, x: torch.Tensor, n_steps: int, *,
         g = sde.diffusion(t)
         x = x + (sde.drift(x, t) - g ** 2 * score_fn(x, t)) * dt
         if i < n_steps - 1:
-            x = x + g * math.sqrt(-dt) * _noise(x, generator)
+            x = x + g * math.sqrt(-dt) * draw_noise(x, generator)
         if callback is not None:
             callback(i, t_next, x)
     return x

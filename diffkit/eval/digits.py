@@ -39,7 +39,7 @@ def sample_digits(denoiser: Callable, labels: torch.Tensor, *, sigma_min: float,
     sigmas = sigmas_karras(steps, sigma_min, sigma_max).to(device)
     noise = torch.randn(labels.shape[0], 1, 8, 8, generator=torch.Generator().manual_seed(seed))
     out = sampler(denoiser, noise.to(device) * sigmas[0], sigmas,
-                  generator=torch.Generator(device=device).manual_seed(seed + 1),
+                  generator=torch.Generator().manual_seed(seed + 1),
                   extra_args={"y": labels.to(device), **extra})
     return out.clamp(-1, 1)
 

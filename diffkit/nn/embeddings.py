@@ -28,7 +28,11 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class TimeEmbedding(nn.Module):
-    """Sinusoidal features followed by a 2-layer MLP, optionally plus a class embedding."""
+    """Sinusoidal features followed by a 2-layer MLP, optionally plus a class embedding.
+
+    Built with ``num_classes=C`` it requires labels y (B,) in [0, C], where C is the "no label"
+    token of classifier-free guidance: the unconditional model is asked for explicitly.
+    """
 
     def __init__(self, dim: int, num_classes: int | None = None):
         super().__init__()
@@ -39,10 +43,15 @@ class TimeEmbedding(nn.Module):
         self.num_classes = num_classes
 
     def forward(self, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.mlp(timestep_embedding(t, self.dim))
+        # sinusoids in t's precision, then the network's own dtype (float64 t into a float32
+        # network is fine; a network made .double() keeps float64 all the way)
+        features = timestep_embedding(t, self.dim)
+        emb = self.mlp(features.to(self.mlp[0].weight.dtype))
         if self.label is not None:
             if y is None:
-                y = torch.full_like(t, self.num_classes, dtype=torch.long)
+                raise ValueError(f"this network was built with num_classes={self.num_classes}: "
+                                 f"pass labels y (B,), with y = {self.num_classes} (the null "
+                                 f"label) for the unconditional model")
             if y.shape != t.shape:
                 raise ValueError(f"y must have shape {tuple(t.shape)}, got {tuple(y.shape)}")
             emb = emb + self.label(y.long())

@@ -3,10 +3,12 @@
 ``shapes-blip`` trains, in four stages that each resume on their own:
 1. BLIP (``diffkit.text.blip``): image encoder + text transformer, ITC + ITM + LM, jointly;
 2. a tiny GPT-2 pre-trained on text alone, scenes described twice (the "LLM", frozen from then on);
-3. BLIP-2 stage 1 (``diffkit.text.blip2``): the Q-Former on BLIP's frozen image encoder, ITC + ITM + ITG;
+3. BLIP-2 stage 1 (``diffkit.text.blip2``): the Q-Former on BLIP's frozen image encoder,
+   ITC + ITM + ITG;
 4. BLIP-2 stage 2: the Q-Former's queries as a soft prompt to the frozen GPT-2, LM loss.
 The checkpoint is one ``blip2.BLIPFamily``: BLIP, BLIP-2 after stage 2, and the Q-Former as it
-was after stage 1. What the card measures is computed by :mod:`diffkit.eval.blip_probes` (shared with chapter 6).
+was after stage 1. What the card measures is computed by :mod:`diffkit.eval.blip_probes`
+(shared with chapter 6).
 """
 
 from __future__ import annotations
@@ -68,10 +70,13 @@ def stage_steps(steps: int) -> dict[str, int]:
 
 @torch.no_grad()
 def blip_card_quality(model: BLIPFamily, device, *, n_caption: int = 300,
-                      n_retrieval: int = 300) -> dict:
-    """The card's figures: captions (BLIP, BLIP-2, the frozen LM alone), ITM, retrieval R@1."""
+                      n_retrieval: int = 300, seed: int = TEST_SEED) -> dict:
+    """The card's figures: captions (BLIP, BLIP-2, the frozen LM alone), ITM, retrieval R@1,
+    on test scenes of data seeds ``seed`` and ``seed + 1`` (never TRAIN_SEED)."""
+    if seed in (TRAIN_SEED, TRAIN_SEED - 1):
+        raise ValueError(f"seed {seed} would measure on the training scenes (seed {TRAIN_SEED})")
     model = model.to(device).eval()
-    single = make_shapes(n_caption, seed=TEST_SEED, objects=1)
+    single = make_shapes(n_caption, seed=seed, objects=1)
     images = single.images.to(device)
     no_prompt = torch.zeros(len(images), 0, model.blip2.config["lm_dim"], device=device)
     out = {"n_caption": n_caption, "n_retrieval": n_retrieval}
@@ -83,7 +88,7 @@ def blip_card_quality(model: BLIPFamily, device, *, n_caption: int = 300,
     for name, part in (("blip", model.blip), ("blip2_stage1", model.blip2_stage1)):
         out.update({f"{name}_{k}": v for k, v in itm_pairs(part, single, device).items()
                     if "ranks" not in k})                 # the rankings are in chapter 6
-    mixed = make_shapes(n_retrieval, seed=TEST_SEED + 1, objects=(1, 2))
+    mixed = make_shapes(n_retrieval, seed=seed + 1, objects=(1, 2))
     out.update({f"blip_{k}": v for k, v in retrieval(model.blip, mixed, device).items()})
     out["blip2_stage1_r1_itc"] = qformer_recall(model.blip2_stage1, mixed, device)
     out["blip2_after_stage2_r1_itc"] = qformer_recall(model.blip2, mixed, device)

@@ -12,8 +12,8 @@ from diffkit.train import train
 CLIP_POOL = 40_000          # pre-generated training pairs; each step draws a fresh batch of them
 
 
-def clip_card_quality(model, device) -> dict:
-    return clip_report(model.to(device))
+def clip_card_quality(model, device, *, n: int = 1000, seed: int = CLIP_TEST_SEED) -> dict:
+    return clip_report(model.to(device), n=n, seed=seed)
 
 
 CLIP_HYPER = dict(batch_size=128, lr=1e-3, weight_decay=0.0, ema_decay=0.99, warmup=100,

@@ -1,9 +1,9 @@
 """Recipes of chapter 7 (guidance): a noise-conditional digits classifier and a
 class-conditional digits DDPM.
 
-Each recipe registers itself in ``diffkit.recipes.registry.RECIPES`` with the ``recipe`` decorator. The
-helpers below (guided sampling of digits, the judge's verdict per requested class) are shared
-by the recipes' measurements and by chapter 7.
+Each recipe registers itself in ``diffkit.recipes.registry.RECIPES`` with the ``recipe``
+decorator. The helpers below (guided sampling of digits, the judge's verdict per requested
+class) are shared by the recipes' measurements and by chapter 7.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ def noisy_classifier_loss(schedule):
     return loss_fn
 
 
-def noisy_classifier_quality(model, device) -> dict:
-    return noisy_accuracy(model, device, make_schedule(SCHEDULE), t_grid=T_GRID)
+def noisy_classifier_quality(model, device, *, repeats: int = 4, seed: int = 1) -> dict:
+    return noisy_accuracy(model, device, make_schedule(SCHEDULE), t_grid=T_GRID,
+                          repeats=repeats, seed=seed)
 
 
 NOISY_CLASSIFIER = dict(channels=32, emb_dim=64, hidden=128)
@@ -79,8 +80,10 @@ def cond_ddpm_loss(schedule, p_uncond: float = P_UNCOND, null_label: int = 10):
     return loss_fn
 
 
-def cond_digits_quality(model, device, *, n: int | None = None, scales=CARD_SCALES) -> dict:
-    """Judge n class-balanced CFG samples (DPM-Solver++(2M), GUIDED_STEPS) at each scale."""
+def cond_digits_quality(model, device, *, n: int | None = None, scales=CARD_SCALES,
+                        seed: int = 1) -> dict:
+    """Judge n class-balanced CFG samples (DPM-Solver++(2M), GUIDED_STEPS) at each scale;
+    ``seed`` seeds ``sample_digits`` (the card's is 1)."""
     judge, _ = checkpoints.load_model("digits-judge", device=device)
     schedule = make_schedule(SCHEDULE)
     denoiser = DiscreteTimeDenoiser(model, schedule.alphas_cumprod)
@@ -90,8 +93,8 @@ def cond_digits_quality(model, device, *, n: int | None = None, scales=CARD_SCAL
     out = {"n": n, "sampler": f"dpmpp_2m, {GUIDED_STEPS} Karras steps"}
     for w in scales:
         samples = sample_digits(cfg, labels, sigma_min=denoiser.sigma_min,
-                                sigma_max=denoiser.sigma_max, steps=GUIDED_STEPS, device=device,
-                                guidance_scale=w)
+                                sigma_max=denoiser.sigma_max, steps=GUIDED_STEPS, seed=seed,
+                                device=device, guidance_scale=w)
         report = judge_requested(judge, samples, labels)
         tag = f"w{w:g}"
         out.update({f"{tag}_requested": report["requested"],

@@ -18,10 +18,10 @@ from diffkit.train import train
 COSINE_SCHEDULE = "cosine"
 
 
-def digits_cosine_card_quality(model, device) -> dict:
+def digits_cosine_card_quality(model, device, *, n: int = 1000, seed: int = 1) -> dict:
     # Sampled exactly like digits-ddpm's card (ancestral DDPM, 1000 steps, n=1000, seed 1),
     # only with the schedule the model was trained on.
-    return digits_quality(model, make_schedule(COSINE_SCHEDULE), n=1000, device=device)
+    return digits_quality(model, make_schedule(COSINE_SCHEDULE), n=n, seed=seed, device=device)
 
 
 @recipe("digits-ddpm-cosine",

@@ -39,6 +39,7 @@ _words |= {w for p in POSITION_PHRASES.values() for w in p.split()}
 VOCAB = SPECIALS + tuple(sorted(_words))
 WORD_ID = {w: i for i, w in enumerate(VOCAB)}
 MAX_LEN = 18                      # [CLS] + the longest two-object caption (14 words) + [EOS], slack
+MAX_LOG_SCALE = math.log(100)     # the ITC inverse temperature's cap, as CLIP's
 ABSENT, UNSAID = -2, -1           # codes of a missing object slot and of an attribute left unsaid
 ATTRIBUTES = (("shape", SHAPES), ("colour", COLOURS), ("size", SIZES), ("position", POSITIONS))
 
@@ -214,6 +215,11 @@ class BLIP(nn.Module):
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))   # 1 / temperature
         self.itm_head, self.lm_head = nn.Linear(dim, 2), nn.Linear(dim, len(VOCAB))
 
+    @torch.no_grad()
+    def clamp_parameters(self) -> None:
+        """Cap exp(log_scale) at 100 after each optimiser step (``diffkit.train``), as CLIP does."""
+        self.log_scale.clamp_(max=MAX_LOG_SCALE)
+
     def text(self, ids: torch.Tensor, image: torch.Tensor | None = None, decoder: bool = False):
         """Hidden states (B, L, D) of ids (B, L); grounded on image tokens (B, M, D) if given."""
         if ids.dim() != 2 or ids.shape[1] > self.pos.shape[1]:
@@ -258,7 +264,7 @@ class BLIP(nn.Module):
         image_tokens = self.vision(images)
         img = F.normalize(self.vision_proj(image_tokens[:, 0]), dim=-1)
         txt = F.normalize(self.text_proj(self.text(ids)[:, 0]), dim=-1)
-        sim = self.log_scale.clamp(max=math.log(100)).exp() * img @ txt.T     # (B, B)
+        sim = self.log_scale.exp() * img @ txt.T                               # (B, B)
         positive = consistent(text_codes, scene_codes_).T.float()              # [image, text]
         itc, itm = contrastive_and_matching_losses(sim, positive, image_tokens, ids,
                                                    self.itm_logits, generator)

@@ -29,6 +29,7 @@ from diffkit.text.blip import (
     DEC,
     EOS,
     MAX_LEN,
+    MAX_LOG_SCALE,
     PAD,
     VOCAB,
     ImageEncoder,
@@ -149,6 +150,11 @@ class BLIP2(nn.Module):
         self.llm_proj = nn.Linear(dim, lm_dim)           # stage 2: queries -> LM input space
 
     @torch.no_grad()
+    def clamp_parameters(self) -> None:
+        """Cap exp(log_scale) at 100 after each optimiser step (``diffkit.train``), as CLIP does."""
+        self.log_scale.clamp_(max=MAX_LOG_SCALE)
+
+    @torch.no_grad()
     def init_from_blip(self, model: BLIP) -> None:
         """Start the Q-Former from a pre-trained text encoder, as BLIP-2 starts from BERT-base:
         word and position embeddings, self-attention and both feed-forward layers (queries and
@@ -219,7 +225,7 @@ class BLIP2(nn.Module):
         img = F.normalize(self.vision_proj(queries), dim=-1)
         _, text = self.qformer(image_tokens, ids, "itc")
         txt = F.normalize(self.text_proj(text[:, 0]), dim=-1)
-        sim = self.log_scale.clamp(max=math.log(100)).exp() * self.similarity(img, txt)
+        sim = self.log_scale.exp() * self.similarity(img, txt)
         positive = consistent(text_codes, scene_codes_).T.float()
         itc, itm = contrastive_and_matching_losses(sim, positive, image_tokens, ids,
                                                    self.itm_logits, generator)

@@ -6,7 +6,9 @@ loss (CLIP's Figure 3 pseudocode; InfoNCE: van den Oord et al. 2018, Eq. 4):
 
     logits = exp(s) * I @ T.T,   loss = (CE(logits, diag) + CE(logits.T, diag)) / 2
 
-with a learned temperature exp(-s), clamped like CLIP's at exp(s) <= 100. The text side is a real
+with a learned temperature exp(-s), capped like CLIP's at exp(s) <= 100 after each optimiser step
+(``TinyCLIP.clamp_parameters``, called by ``diffkit.train``; a clamp in the forward pass would
+zero the gradient of s above the cap). The text side is a real
 transformers ``CLIPTextModel`` (tiny config) with a word-level ``CLIPTokenizer``, so
 ``export_text_encoder`` writes folders that ``CLIPTextModel.from_pretrained`` and
 ``CLIPTokenizer.from_pretrained`` load offline: the text encoder of the book's tiny Stable
@@ -31,8 +33,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from diffkit.data.shapes import COLOURS, POSITION_PHRASES, SHAPES, SIZES
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-# every word of the captions (diffkit.data.shapes), then words captions never use: they get tokens (so
-# probes such as "a photo of a red circle" tokenize) but are never trained
+# every word of the captions (diffkit.data.shapes), then words captions never use: they get
+# tokens (so probes such as "a photo of a red circle" tokenize) but are never trained
 CAPTION_WORDS = tuple(dict.fromkeys(
     ["a", "an", "and", *SIZES, *COLOURS, *SHAPES,
      *(w for phrase in POSITION_PHRASES.values() for w in phrase.split())]))
@@ -41,6 +43,7 @@ WORDS = CAPTION_WORDS + EXTRA_WORDS
 TEXT_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3,
                    num_attention_heads=4)
 VISION_CONFIG = dict(channels=[48, 64, 96, 128], width=256)
+MAX_LOG_SCALE = math.log(100)   # the cap of the inverse temperature exp(s), as CLIP's
 
 
 # --- word-level tokenizer ----------------------------------------------------------------
@@ -158,8 +161,13 @@ class TinyCLIP(nn.Module):
         return self.logit_scale.device
 
     def scale(self) -> torch.Tensor:
-        """exp(s), the inverse temperature, clamped at 100 as in CLIP."""
-        return self.logit_scale.clamp(max=math.log(100)).exp()
+        """exp(s), the inverse temperature (at most 100 once ``clamp_parameters`` has run)."""
+        return self.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_parameters(self) -> None:
+        """Cap exp(s) at 100 after each optimiser step (``diffkit.train``), as CLIP does."""
+        self.logit_scale.clamp_(max=MAX_LOG_SCALE)
 
     def tokenize(self, texts) -> torch.Tensor:
         """(B, max_length) token ids, padded with EOS; a text longer than that is a ValueError."""

@@ -63,7 +63,8 @@ def save_state(path: Path, step: int, model, ema, optimizer, generator, losses,
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).cpu().contiguous()
     tensors["rng"] = generator.get_state()
     tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
-    meta = {"format": STATE_FORMAT, "step": str(step), "param_groups": json.dumps(opt["param_groups"]),
+    meta = {"format": STATE_FORMAT, "step": str(step),
+            "param_groups": json.dumps(opt["param_groups"]),
             "settings": json.dumps(settings or {}, sort_keys=True)}
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,6 +128,10 @@ def train(model: torch.nn.Module, loss_fn: Callable, data, *, steps: int, batch_
     ``state_path`` the state is saved every ``save_every`` steps (atomically) and a later call
     resumes from it, ending with the same weights as an uninterrupted run.
     ``callback(step, loss)`` runs after each step (it may raise to stop training).
+
+    A model that defines ``clamp_parameters()`` has it called right after every optimiser step,
+    to project parameters back into their allowed range (CLIP caps its inverse temperature at
+    100 this way: a clamp in the forward pass would zero that parameter's gradient above the cap).
     """
     if steps <= 0 or batch_size <= 0 or save_every <= 0:
         raise ValueError(f"steps, batch_size and save_every must be positive, got "
@@ -140,6 +145,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, data, *, steps: int, batch_
     model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    clamp = getattr(model, "clamp_parameters", None)       # see the docstring
     generator = torch.Generator().manual_seed(seed)
     step, losses = 0, []
     path = Path(state_path) if state_path is not None else None
@@ -165,6 +171,8 @@ def train(model: torch.nn.Module, loss_fn: Callable, data, *, steps: int, batch_
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
+        if clamp is not None:
+            clamp()
         # the usual EMA warm-up: average over roughly the steps seen so far early on
         _ema_update(ema, model, min(ema_decay, (1 + step) / (10 + step)))
         step += 1
