@@ -219,3 +219,69 @@ def test_bad_inputs_raise_value_errors():
         sdes.probability_flow_sample(fn, sdes.VPSDE(), x, 10, method="rk4")
     with pytest.raises(ValueError, match=r"x must be a floating-point tensor of shape \(B, D\)"):
         score.ScoreNet()(torch.zeros(4, 2, 1), 1.0)
+
+
+# ---- the SDE samplers on the sampler contract (diffkit.diffusion.sde_samplers) -------------------
+def _old_reverse_sde(score_fn, sde, x, n_steps, t_end, generator):
+    """The t-grid Euler-Maruyama loop as chapter 4 first wrote it (the reference)."""
+    ts = torch.linspace(1.0, t_end, n_steps + 1, dtype=torch.float64).tolist()
+    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        dt, g = t_next - t, sde.diffusion(t)
+        x = x + (sde.drift(x, t) - g ** 2 * score_fn(x, t)) * dt
+        if i < n_steps - 1:
+            x = x + g * math.sqrt(-dt) * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    return x
+
+
+def _old_probability_flow(score_fn, sde, x, n_steps, t_end, method):
+    ts = torch.linspace(1.0, t_end, n_steps + 1, dtype=torch.float64).tolist()
+
+    def velocity(y, t):
+        return sde.drift(y, t) - 0.5 * sde.diffusion(t) ** 2 * score_fn(y, t)
+
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        dt = t_next - t
+        d_cur = velocity(x, t)
+        x_next = x + d_cur * dt
+        if method == "heun":
+            x_next = x + 0.5 * (d_cur + velocity(x_next, t_next)) * dt
+        x = x_next
+    return x
+
+
+@pytest.mark.parametrize("process", [sdes.VPSDE(), sdes.VESDE(0.01, 50.0)], ids=["VP", "VE"])
+def test_t_of_sigma_inverts_sigma(process):
+    for t in (1e-3, 0.1, 0.5, 1.0):
+        assert process.t_of_sigma(process.sigma(t)) == pytest.approx(t, rel=1e-12, abs=1e-14)
+
+
+@pytest.mark.parametrize("process", [sdes.VPSDE(), sdes.VESDE(0.01, 50.0)], ids=["VP", "VE"])
+def test_the_score_function_calls_are_the_contract_samplers(process):
+    score_fn = sdes.score_from_denoiser(MIXTURE, process)
+    prior = process.prior_sample((64, 2), gen(30))
+    new = sdes.reverse_sde_sample(score_fn, process, prior, 40, t_end=1e-3, generator=gen(31))
+    old = _old_reverse_sde(score_fn, process, prior, 40, 1e-3, gen(31))
+    assert (new - old).abs().max() < 1e-9 * (1 + old.abs().max())
+    for method in ("euler", "heun"):
+        new = sdes.probability_flow_sample(score_fn, process, prior, 30, t_end=1e-3, method=method)
+        old = _old_probability_flow(score_fn, process, prior, 30, 1e-3, method)
+        assert (new - old).abs().max() < 1e-9 * (1 + old.abs().max()), method
+
+
+def test_the_contract_sde_samplers_end_in_x0_hat_and_check_their_input():
+    from diffkit.diffusion.sde_samplers import sample_probability_flow, sample_reverse_sde
+
+    vp = sdes.VPSDE()
+    ts = [1.0, 0.5, 0.1, 1e-3]
+    sigmas = torch.tensor([vp.sigma(t) for t in ts] + [0.0], dtype=torch.float64)
+    x = vp.prior_sample((32, 2), gen(40)) / vp.scale(1.0)
+    seen = []
+    out = sample_reverse_sde(MIXTURE, x, sigmas, sde=vp, generator=gen(41),
+                             callback=lambda step: seen.append(step))
+    assert len(seen) == 4 and torch.equal(out, seen[-1]["denoised"])   # the last step: x0_hat
+    out = sample_probability_flow(MIXTURE, x, sigmas, sde=vp)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="end in exactly 0"):
+        sample_reverse_sde(MIXTURE, x, sigmas[:-1], sde=vp)
+    with pytest.raises(ValueError, match="method"):
+        sample_probability_flow(MIXTURE, x, sigmas, sde=vp, method="rk4")

@@ -2,12 +2,13 @@
 reverse-SDE and probability-flow-ODE samplers. Points are (B, D); SDE time t is a float in (0, 1].
 
 On the sampler contract: in x_sigma = x(t) / scale(t) both SDEs are dx = sqrt(d[sigma^2]/dt) dw
-(for VP, Ito on x / scale cancels the drift), so they differ only by sigma(t), and the contract's
-samplers on sigmas = sigma(t_i) integrate them: ``sample_euler`` / ``sample_heun`` the
-probability-flow ODE dx/dsigma = (x - D) / sigma (Karras et al. 2022, eq. 3), and
-``sample_euler_ancestral`` the reverse SDE. They step in sigma; the samplers below step in t on a
-uniform grid (Euler-Maruyama's g(t_i)^2 dt and the VP drift are not functions of the list of
-sigmas) and stop at t_end > 0, as chapter 4 measures them, so they keep their own signature.
+(for VP, Ito on x / scale cancels the drift), so they differ only by sigma(t): the contract's
+``sample_euler`` / ``sample_heun`` on sigmas = sigma(t_i) integrate the probability-flow ODE
+dx/dsigma = (x - D) / sigma (Karras et al. 2022, eq. 3) and ``sample_euler_ancestral`` the
+reverse SDE, stepping in sigma. Stepping in t as the paper writes them (Euler-Maruyama's
+g(t)^2 dt, the VP drift) needs the SDE itself: :mod:`diffkit.diffusion.sde_samplers` has those
+samplers on the contract with ``sde=`` as an option, and the score-function calls below
+(chapter 4's) are thin wrappers of them.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Callable
 
 import torch
 
-from diffkit.diffusion.contract import draw_noise
 from diffkit.diffusion.score import ScoreFn, check_points
+from diffkit.diffusion.sde_samplers import sample_probability_flow, sample_reverse_sde
 
 
 # ---- the SDEs of Song et al. 2021: both have marginals x(t) = scale(t) (x_0 + sigma(t) eps) ----
@@ -38,6 +39,10 @@ class VESDE:
 
     def sigma(self, t: float) -> float:
         return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+
+    def t_of_sigma(self, sigma: float) -> float:
+        """The time at which sigma(t) = sigma (the inverse of ``sigma``)."""
+        return math.log(sigma / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
 
     def scale(self, t: float) -> float:
         return 1.0
@@ -73,6 +78,12 @@ class VPSDE:
     def sigma(self, t: float) -> float:
         return math.sqrt(math.expm1(-self.log_abar(t)))
 
+    def t_of_sigma(self, sigma: float) -> float:
+        """The time at which sigma(t) = sigma: the root of beta_min t + (beta_max - beta_min) t^2
+        / 2 = log(1 + sigma^2), written 2c / (b + sqrt(b^2 + 4ac)) to avoid cancellation."""
+        a, b, c = 0.5 * (self.beta_max - self.beta_min), self.beta_min, math.log1p(sigma ** 2)
+        return 2 * c / (b + math.sqrt(b * b + 4 * a * c))
+
     def scale(self, t: float) -> float:
         return math.exp(0.5 * self.log_abar(t))
 
@@ -104,53 +115,66 @@ def _time_grid(n_steps: int, t_end: float) -> list[float]:
     return torch.linspace(1.0, t_end, n_steps + 1, dtype=torch.float64).tolist()
 
 
-@torch.no_grad()
+def denoiser_from_score(score_fn: ScoreFn, sde, times: dict[float, float] | None = None):
+    """D(x_sigma, sigma) = x_sigma + scale sigma^2 score_fn(scale x_sigma, t) for t = t(sigma),
+    Tweedie's formula read backwards (the inverse of :func:`score_from_denoiser`). ``times`` maps
+    noise levels to the exact SDE times they came from (else ``sde.t_of_sigma``)."""
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        level = float(sigma.reshape(-1)[0])
+        t = (times or {}).get(level)
+        t = sde.t_of_sigma(level) if t is None else t
+        s = sde.scale(t)
+        return x + s * level ** 2 * score_fn(s * x, t)
+    return denoiser
+
+
+def _on_the_grid(sampler, score_fn: ScoreFn, sde, x: torch.Tensor, n_steps: int, t_end: float,
+                 callback, **options) -> torch.Tensor:
+    """Run a contract sampler of :mod:`diffkit.diffusion.sde_samplers` on the levels of a uniform
+    grid in t from 1 to t_end (then 0) and return x(t_end) = scale x_sigma at the last level,
+    as chapter 4 measures it; ``callback(i, t_next, x(t_next))`` after each step."""
+    check_points(x)
+    ts = _time_grid(n_steps, t_end)
+    levels = [sde.sigma(t) for t in ts]
+    sigmas = torch.tensor(levels + [0.0], dtype=torch.float64)
+    at_level = {}
+
+    def keep(step):
+        i = step["i"]
+        if i >= 1:
+            at_level[i] = sde.scale(ts[i]) * step["x"]
+            if callback is not None:
+                callback(i - 1, ts[i], at_level[i])
+
+    sampler(denoiser_from_score(score_fn, sde, dict(zip(levels, ts))), x / sde.scale(ts[0]),
+            sigmas.to(x.dtype), sde=sde, callback=keep, **options)
+    return at_level[n_steps]
+
+
 def reverse_sde_sample(score_fn: ScoreFn, sde, x: torch.Tensor, n_steps: int, *,
                        t_end: float = 1e-3, generator: torch.Generator | None = None,
                        callback: Callable | None = None) -> torch.Tensor:
     """Euler-Maruyama on the reverse SDE dx = [f(x,t) - g(t)^2 grad log p_t(x)] dt + g(t) dw_bar
-    (Anderson 1982; Song et al. 2021, eq. 6), from t = 1 to t_end on a uniform grid.
+    (Anderson 1982; Song et al. 2021, eq. 6), from t = 1 to t_end on a uniform grid: a thin
+    wrapper of :func:`~diffkit.diffusion.sde_samplers.sample_reverse_sde` for a score function.
 
     x: (B, D) drawn from the prior (``sde.prior_sample``). The last step adds no noise (the
     "denoised" mean, as in Song et al.'s code). callback(i, t_next, x) after each step.
     """
-    check_points(x)
-    ts = _time_grid(n_steps, t_end)
-    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
-        dt = t_next - t                                                # < 0: backwards in time
-        g = sde.diffusion(t)
-        x = x + (sde.drift(x, t) - g ** 2 * score_fn(x, t)) * dt
-        if i < n_steps - 1:
-            x = x + g * math.sqrt(-dt) * draw_noise(x, generator)
-        if callback is not None:
-            callback(i, t_next, x)
-    return x
+    return _on_the_grid(sample_reverse_sde, score_fn, sde, x, n_steps, t_end, callback,
+                        generator=generator)
 
 
-@torch.no_grad()
 def probability_flow_sample(score_fn: ScoreFn, sde, x: torch.Tensor, n_steps: int, *,
                             t_end: float = 1e-3, method: str = "heun",
                             callback: Callable | None = None) -> torch.Tensor:
     """The probability-flow ODE dx/dt = f(x,t) - g(t)^2 grad log p_t(x) / 2 (Song et al. 2021,
-    eq. 13), Euler or Heun (2nd order) from t = 1 to t_end on a uniform grid. Deterministic."""
-    check_points(x)
+    eq. 13), Euler or Heun (2nd order) from t = 1 to t_end on a uniform grid, deterministic: a
+    thin wrapper of :func:`~diffkit.diffusion.sde_samplers.sample_probability_flow`."""
     if method not in ("euler", "heun"):
         raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
-    ts = _time_grid(n_steps, t_end)
-
-    def velocity(y, t):
-        return sde.drift(y, t) - 0.5 * sde.diffusion(t) ** 2 * score_fn(y, t)
-
-    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
-        dt = t_next - t
-        d_cur = velocity(x, t)
-        x_next = x + d_cur * dt
-        if method == "heun":
-            x_next = x + 0.5 * (d_cur + velocity(x_next, t_next)) * dt
-        x = x_next
-        if callback is not None:
-            callback(i, t_next, x)
-    return x
+    return _on_the_grid(sample_probability_flow, score_fn, sde, x, n_steps, t_end, callback,
+                        method=method)
 
 
 def marginal_sample(gmm, sde, t: float, n: int, generator: torch.Generator | None = None):
