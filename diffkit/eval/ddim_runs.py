@@ -11,16 +11,13 @@ import torch
 
 from diffkit.diffusion import ddim
 from diffkit.diffusion.samplers import sample_ddim, spaced_timesteps
+from diffkit.eval import metrics
 
 DDPM_MEAN_VARIANTS = {"hat": "large", "none": "none"}
 
 
-def rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image RMS difference per pixel between image sets a and b (n, ...): (n,)."""
-    if a.shape != b.shape or a.ndim < 2:
-        raise ValueError(f"a and b must be image sets (n, ...) of one shape, got "
-                         f"{tuple(a.shape)} and {tuple(b.shape)}")
-    return (a - b).flatten(1).pow(2).mean(1).sqrt()
+# the per-image distance chapter 3 calls ``rms``
+rms = metrics.rms_per_image
 
 
 def leading_pairs(alphas_cumprod: torch.Tensor, steps: int):

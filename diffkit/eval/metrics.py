@@ -65,6 +65,14 @@ def mean_pairwise_distance(features: torch.Tensor) -> float:
     return float(torch.cdist(f, f).sum() / (n * (n - 1)))
 
 
+def rms_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image RMS difference per pixel between image sets a and b (n, ...): (n,)."""
+    if a.shape != b.shape or a.ndim < 2:
+        raise ValueError(f"a and b must be image sets (n, ...) of one shape, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    return (a - b).flatten(1).pow(2).mean(1).sqrt()
+
+
 @torch.no_grad()
 def accuracy(judge: DigitsJudge, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((judge.probs(x).argmax(-1) == y.to(x.device)).float().mean())
