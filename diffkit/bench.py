@@ -6,7 +6,9 @@ on a laptop and on CI. Names: ``train-throughput`` (every recipe's steps per sec
 training time on this machine),
 ``ddpm-sampling`` (the 1000-step ancestral loop with ``ddpm.p_step`` vs diffusers'
 ``DDPMScheduler`` loop on the same network) and ``samplers`` (Euler, Euler-ancestral, Heun,
-DPM-Solver++(2M) and DDIM at equal NFE vs diffusers' scheduler loops).
+DPM-Solver++(2M) and DDIM at equal NFE vs diffusers' scheduler loops) and ``latent`` (one
+training step of the same UNet on 3 x 32 x 32 pixels vs 4 x 8 x 8 latents: time, FLOPs and
+activation memory, pixel over latent).
 """
 
 from __future__ import annotations
@@ -214,6 +216,15 @@ def samplers(device: torch.device, quick: bool) -> dict:
                 figures["max_abs_diff"] = float((ours() - theirs()).abs().max())
             out[f"{model_name}/{name}"] = figures
     return out
+
+
+@bench
+def latent(device: torch.device, quick: bool) -> dict:
+    """Per-step cost of the same tiny UNet in pixel space and in the VAE's latent space, as the
+    ratio pixel / latent from one run (chapter 8); FLOPs and memory are counted, time measured."""
+    from diffkit.eval.latent_cost import tiny_comparison
+
+    return tiny_comparison(device, batch=16 if quick else 64, repeats=2 if quick else 5)
 
 
 def main(argv=None) -> int:

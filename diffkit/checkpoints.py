@@ -1,4 +1,5 @@
-"""Checkpoints: a folder with ``model.safetensors`` and ``card.json``, written atomically.
+"""Checkpoints: a folder with ``model.safetensors`` (or a diffusers ``save_pretrained`` folder)
+and ``card.json``, written atomically.
 
 The card records the recipe, seed, steps, wall time, device, library versions, the model's
 class and constructor arguments, and the quality figures measured when it was trained.
@@ -38,28 +39,16 @@ def library_versions() -> dict:
     return versions
 
 
-def save(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], card: dict) -> Path:
-    """Write ``folder/model.safetensors`` and ``folder/card.json`` all at once.
-
-    Both files go to a temporary sibling folder which then replaces ``folder``, so a crash
-    leaves either the old checkpoint or the new one, never half of each.
-    """
-    folder = Path(folder)
-    if not tensors:
-        raise ValueError("nothing to save: tensors is empty")
-    try:
-        json.dumps(card)
-    except TypeError as error:
-        raise ValueError(f"card must be JSON-serialisable: {error}") from None
+def _replace_folder(folder: Path, write) -> Path:
+    """Call ``write(tmp)`` on a fresh temporary sibling folder, then swap it in for ``folder``:
+    a crash leaves either the old folder or the new one, never half of each."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=folder.parent))
     umask = os.umask(0)
     os.umask(umask)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                  str(tmp / "model.safetensors"))
-        (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-        for path in (tmp, tmp / "model.safetensors", tmp / "card.json"):  # mkdtemp makes 0700
+        write(tmp)
+        for path in (tmp, *tmp.rglob("*")):  # mkdtemp makes 0700
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
         old = folder.with_name(folder.name + ".old")
         if folder.exists():
@@ -78,6 +67,78 @@ def save(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], card: dict
         if tmp.exists():
             shutil.rmtree(tmp)
     return folder
+
+
+def _card_text(card: dict) -> str:
+    try:
+        return json.dumps(card, indent=2) + "\n"
+    except TypeError as error:
+        raise ValueError(f"card must be JSON-serialisable: {error}") from None
+
+
+def save(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], card: dict) -> Path:
+    """Write ``folder/model.safetensors`` and ``folder/card.json`` all at once (atomically)."""
+    if not tensors:
+        raise ValueError("nothing to save: tensors is empty")
+    text = _card_text(card)
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                  str(tmp / "model.safetensors"))
+        (tmp / "card.json").write_text(text)
+    return _replace_folder(Path(folder), write)
+
+
+def _pretrained_members(model) -> dict[str, torch.nn.Module] | None:
+    """{subfolder: model} for a diffusers model ("" = the folder itself) or a ModuleDict of them;
+    None for a plain diffkit network."""
+    if hasattr(model, "save_pretrained"):
+        return {"": model}
+    if isinstance(model, torch.nn.ModuleDict) and len(model) and all(
+            hasattr(m, "save_pretrained") for m in model.values()):
+        return dict(model.items())
+    return None
+
+
+def describe(model: torch.nn.Module) -> dict:
+    """The card's ``model`` entry: what ``load_model`` needs to rebuild the network."""
+    members = _pretrained_members(model)
+    if members is None:
+        return {"class": type(model).__name__, "module": type(model).__module__,
+                "kwargs": model.config}
+    classes = {sub: type(m).__name__ for sub, m in members.items()}
+    if list(classes) == [""]:
+        return {"class": classes[""], "library": "diffusers"}
+    return {"class": "ModuleDict", "library": "diffusers", "members": classes}
+
+
+def save_model(folder: str | os.PathLike, model: torch.nn.Module, card: dict) -> Path:
+    """Save a trained model with its card: diffusers models with ``save_pretrained`` (a family
+    in a ModuleDict: one subfolder each), so ``from_pretrained`` loads them offline; diffkit
+    networks as ``model.safetensors``."""
+    members = _pretrained_members(model)
+    if members is None:
+        return save(folder, model.state_dict(), card)
+    text = _card_text(card)
+
+    def write(tmp: Path) -> None:
+        for sub, member in members.items():
+            member.save_pretrained(str(tmp / sub) if sub else str(tmp), safe_serialization=True)
+        (tmp / "card.json").write_text(text)
+    return _replace_folder(Path(folder), write)
+
+
+def write_card(folder: str | os.PathLike, card: dict) -> None:
+    """Replace ``folder/card.json`` atomically (temp + rename), leaving the weights alone."""
+    path = Path(folder) / "card.json"
+    tmp = path.with_name("card.json.tmp")
+    tmp.write_text(_card_text(card))
+    os.replace(tmp, path)
+
+
+def has_weights(name: str, root=None) -> bool:
+    folder = checkpoint_dir(name, root)
+    return (folder / "model.safetensors").exists() or any(folder.glob("**/config.json"))
 
 
 def load(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -129,9 +190,37 @@ LEGACY_CLASS_HOMES = {"MLPDenoiser": "diffkit.nn.mlp", "UNet": "diffkit.nn.unet"
                       "TinyCLIP": "diffkit.text.clip", "BLIPFamily": "diffkit.text.blip2"}
 
 
+# the diffusers classes a card may name (from_pretrained on the checkpoint's folder)
+DIFFUSERS_CLASSES = ("AutoencoderKL", "UNet2DConditionModel", "ControlNetModel")
+
+
+def _from_pretrained(class_name: str, folder: Path) -> torch.nn.Module:
+    import diffusers
+
+    if class_name not in DIFFUSERS_CLASSES:
+        raise ValueError(f"card names diffusers class {class_name!r}; expected one of "
+                         f"{DIFFUSERS_CLASSES}")
+    if not (folder / "config.json").exists():
+        raise ValueError(f"{folder} holds no diffusers model (config.json missing)")
+    return getattr(diffusers, class_name).from_pretrained(str(folder))
+
+
 def load_model(name: str, *, root=None, device=None) -> tuple[torch.nn.Module, dict]:
     """Load the EMA weights of checkpoint NAME into a fresh model, in eval mode."""
-    tensors, card = load(checkpoint_dir(name, root))
+    folder = checkpoint_dir(name, root)
+    if not (folder / "card.json").exists():
+        raise ValueError(f"{folder} is not a checkpoint: card.json is missing (train it with "
+                         f"`python -m diffkit.train {name}`)")
+    card = json.loads((folder / "card.json").read_text())
+    if card.get("model", {}).get("library") == "diffusers":
+        spec = card["model"]
+        if "members" in spec:
+            model = torch.nn.ModuleDict({sub: _from_pretrained(cls, folder / sub)
+                                         for sub, cls in spec["members"].items()})
+        else:
+            model = _from_pretrained(spec["class"], folder)
+        return model.to(device or "cpu").eval(), card
+    tensors, card = load(folder)
     model = build_model(card)
     model.load_state_dict(tensors)
     return model.to(device or "cpu").eval(), card

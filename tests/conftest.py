@@ -41,7 +41,7 @@ def shipped_model(shipped_card):
     @functools.cache
     def model(name: str):
         shipped_card(name)
-        if not (checkpoints.ROOT / name / "model.safetensors").exists():
+        if not checkpoints.has_weights(name):
             pytest.fail(_missing(name))
         return checkpoints.load_model(name)
     return model

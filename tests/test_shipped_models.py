@@ -239,8 +239,80 @@ def test_blip_caption_bar_fails_untrained():
     assert accuracy["colour_shape"] < BLIP_BARS["blip_caption_colour_shape"] - 0.5, accuracy
 
 
+# --- shapes-vae: the shapes judge on round trips of held-out scenes --------------------------
+
+SHAPES_VAE_N = 100
+# KW = dict(n=100), SEEDS vae_probes.SHAPES_TEST_SEED + 0, 10, ..., 50 (+ 0 is the card's):
+#   shape_1obj  mean 0.998, sd 0.004   bar >= 0.97 (7 sd)
+#   colour_1obj, position_1obj, count_1obj, size_1obj  1.0 in every seed   bar >= 0.97
+#   psnr_1obj   mean 37.6 dB, sd 0.40  bar >= 33 dB (11 sd)
+#   shape_2obj  mean 0.997, sd 0.005   bar >= 0.95 (9 sd)
+# An untrained VAE of the same configuration fails every bar (below).
+SHAPES_VAE_BARS = {"shape_1obj": 0.97, "colour_1obj": 0.97, "position_1obj": 0.97,
+                   "count_1obj": 0.97, "size_1obj": 0.97, "psnr_1obj": 33.0, "shape_2obj": 0.95}
+
+
+def test_shapes_vae_live(shipped_model):
+    model, card = shipped_model("shapes-vae")
+    measured = measure(shipped_model, "shapes-vae", n=SHAPES_VAE_N)
+    failed = {k: measured[k] for k, bar in SHAPES_VAE_BARS.items() if measured[k] < bar}
+    assert not failed, failed
+    assert measured["scaling_factor"] == card["measured"]["scaling_factor"]
+
+
+def test_shapes_vae_bars_fail_untrained():
+    from diffkit.latent.vae import make_vae
+
+    torch.manual_seed(0)
+    measured = recipes.RECIPES["shapes-vae"].measure(make_vae().eval(), "cpu", n=SHAPES_VAE_N)
+    passed = [k for k, bar in SHAPES_VAE_BARS.items() if measured[k] >= bar]
+    assert passed == [], {k: measured[k] for k in passed}
+
+
+# --- patches-vae: the family of chapter 8's sweeps on held-out natural patches ----------------
+
+PATCHES_VAE_N = 100
+# KW = dict(n=100), SEEDS vae_probes.PATCHES_TEST_SEED + 0, 10, ..., 50 (+ 0 is the card's):
+#   base PSNR          mean 25.75 dB, sd 0.25   bar >= 24.5 dB (5 sd)
+#   factor-2 PSNR      mean 28.38 dB, sd 0.27   bar >= base + 1.5 (the gap is 2.6, 8 sd of one)
+#   rate (KL / entry)  kl-1 0.32, kl-1e-2 2.84, base 4.90, kl-1e-4 5.14, each sd < 0.08:
+#                      the order kl-1 < kl-1e-2 < base and kl-1e-4 holds by > 25 sd
+#   latents to N(0, I) (Frechet, biased up at n = 100) kl-1 mean 261 (sd 2), base 822 (sd 19):
+#                      bar kl-1 < 0.5 x base
+# An untrained family fails the PSNR bar (below).
+
+
+def _patches_bars_failed(measured) -> list[str]:
+    rate = {m: measured[m]["kl_per_latent_entry"] for m in ("base", "kl-1e-4", "kl-1e-2", "kl-1")}
+    checks = {
+        "base psnr": measured["base"]["psnr"] >= 24.5,
+        "factor-2 psnr": measured["factor-2"]["psnr"] >= measured["base"]["psnr"] + 1.5,
+        "rate order": rate["kl-1"] < rate["kl-1e-2"] < min(rate["base"], rate["kl-1e-4"]),
+        "prior distance": measured["kl-1"]["latent_prior_frechet"]
+        < 0.5 * measured["base"]["latent_prior_frechet"],
+    }
+    return [name for name, ok in checks.items() if not ok]
+
+
+def test_patches_vae_live(shipped_model):
+    measured = measure(shipped_model, "patches-vae", n=PATCHES_VAE_N)
+    assert _patches_bars_failed(measured) == [], measured
+
+
+def test_patches_vae_bars_fail_untrained():
+    from diffkit.latent.vae import make_vae
+
+    torch.manual_seed(0)
+    members = {name: make_vae(**{k: v for k, v in spec.items() if k != "kl_weight"}).eval()
+               for name, spec in recipes.latent.PATCHES_MEMBERS.items()}
+    untrained = torch.nn.ModuleDict(members)
+    measured = recipes.RECIPES["patches-vae"].measure(untrained, "cpu", n=PATCHES_VAE_N)
+    assert "base psnr" in _patches_bars_failed(measured), measured["base"]
+
+
 def test_every_shipped_model_is_measured_live_here():
     # a new recipe needs its live re-measurement in this file
     measured_here = {"toy2d-ddpm", "digits-judge", "digits-ddpm", "digits-ddpm-cosine",
-                     "digits-cond-ddpm", "digits-classifier-noisy", "shapes-clip", "shapes-blip"}
+                     "digits-cond-ddpm", "digits-classifier-noisy", "shapes-clip", "shapes-blip",
+                     "shapes-vae", "patches-vae"}
     assert set(recipes.RECIPES) == measured_here

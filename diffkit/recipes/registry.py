@@ -79,16 +79,17 @@ def run(name: str, *, root=None, device=None, steps: int | None = None,
         "resumed_from_step": result.resumed_from,
         "device": _device_name(device), "threads": torch.get_num_threads(),
         "versions": checkpoints.library_versions(),
-        "model": {"class": type(result.ema).__name__, "module": type(result.ema).__module__,
-                  "kwargs": result.ema.config},
+        "model": checkpoints.describe(result.ema),
         "hyperparameters": hyper,
         "final_loss": sum(result.losses[-100:]) / len(result.losses[-100:]),
         "measured": measured,
         "measure_seconds": round(time.perf_counter() - measured_start, 1),
         "measured_on": _device_name(device),
     }
-    checkpoints.save(folder, result.ema.state_dict(), card)
-    state_path.unlink(missing_ok=True)
+    checkpoints.save_model(folder, result.ema, card)
+    # a recipe that trains a family keeps one state per member (NAME.MEMBER.state.safetensors)
+    for path in folder.parent.glob(name + ".*state.safetensors"):
+        path.unlink(missing_ok=True)
     return card
 
 
@@ -97,11 +98,10 @@ def remeasure(name: str, *, root=None, device=None) -> dict:
     spec = _spec(name)
     device = torch.device(device) if device is not None else config.device()
     folder = checkpoints.checkpoint_dir(name, root)
-    tensors, card = checkpoints.load(folder)
-    model, _ = checkpoints.load_model(name, root=root, device=device)
+    model, card = checkpoints.load_model(name, root=root, device=device)
     start = time.perf_counter()
     card["measured"] = spec.measure(model, device)
     card["measure_seconds"] = round(time.perf_counter() - start, 1)
     card["measured_on"] = _device_name(device)
-    checkpoints.save(folder, tensors, card)
+    checkpoints.write_card(folder, card)
     return card
