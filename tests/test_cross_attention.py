@@ -30,7 +30,8 @@ def test_cross_attention_in_float64_and_by_hand(attn):
     double.load_state_dict({k: v.double() for k, v in attn.state_dict().items()})
     x, text = torch.randn(2, 5, 32, dtype=torch.float64), torch.randn(2, 3, 16, dtype=torch.float64)
     with torch.no_grad():
-        assert (from_diffusers(double, x, text) - double(x, encoder_hidden_states=text)).abs().max() < 1e-12
+        gap = from_diffusers(double, x, text) - double(x, encoder_hidden_states=text)
+        assert gap.abs().max() < 1e-12
         # one head by hand: softmax over the text tokens of q k / sqrt(d)
         q, k, v = double.to_q(x)[0, :, :8], double.to_k(text)[0, :, :8], double.to_v(text)[0, :, :8]
         p = torch.softmax(q @ k.T / 8 ** 0.5, -1)
