@@ -25,6 +25,7 @@ from diffkit import checkpoints, config
 from diffkit.diffusion.contract import draw_noise
 from diffkit.diffusion.denoisers import DiscreteTimeDenoiser
 from diffkit.diffusion.samplers import sample_dpmpp_2m, sample_euler
+from diffkit.latent.vae import downsampling_factor
 
 PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 SAMPLERS = {"euler": sample_euler, "dpmpp_2m": sample_dpmpp_2m}
@@ -104,7 +105,7 @@ def unet_denoiser(pipe) -> DiscreteTimeDenoiser:
 
 
 def _check_size(pipe, height: int, width: int) -> None:
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    factor = downsampling_factor(pipe.vae)
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % factor:
             raise ValueError(f"{name} must be a positive multiple of the VAE factor {factor}, "
@@ -122,7 +123,8 @@ def text_to_image(pipe, prompts: list[str], *, steps: int = 20, guidance_scale: 
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    size = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    factor = downsampling_factor(pipe.vae)
+    size = pipe.unet.config.sample_size * factor
     height, width = height or size, width or size
     _check_size(pipe, height, width)
     cond = encode_prompt(pipe, prompts)
@@ -134,7 +136,6 @@ def text_to_image(pipe, prompts: list[str], *, steps: int = 20, guidance_scale: 
     pipe.scheduler.set_timesteps(steps)
     timesteps = [int(round(float(t))) for t in pipe.scheduler.timesteps]
     sigmas = denoiser.sigmas_for_timesteps(timesteps)
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     shape = (len(prompts), pipe.unet.config.in_channels, height // factor, width // factor)
     device, dtype = pipe.unet.device, pipe.unet.dtype
     x_T = draw_noise(torch.empty(shape, device=device, dtype=dtype), generator)
