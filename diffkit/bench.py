@@ -8,7 +8,9 @@ training time on this machine),
 ``DDPMScheduler`` loop on the same network) and ``samplers`` (Euler, Euler-ancestral, Heun,
 DPM-Solver++(2M) and DDIM at equal NFE vs diffusers' scheduler loops) and ``latent`` (one
 training step of the same UNet on 3 x 32 x 32 pixels vs 4 x 8 x 8 latents: time, FLOPs and
-activation memory, pixel over latent).
+activation memory, pixel over latent) and ``sd`` (images per second of the tiny Stable
+Diffusion, and diffkit's text-to-image loop vs ``StableDiffusionPipeline.__call__`` on the same
+model, prompts, steps and batch).
 """
 
 from __future__ import annotations
@@ -225,6 +227,38 @@ def latent(device: torch.device, quick: bool) -> dict:
     from diffkit.eval.latent_cost import tiny_comparison
 
     return tiny_comparison(device, batch=16 if quick else 64, repeats=2 if quick else 5)
+
+
+@bench
+def sd(device: torch.device, quick: bool) -> dict:
+    """The tiny SD (``checkpoints/shapes-sd``) at its recommended settings: images per second of
+    diffkit's loop (``latent.sd.text_to_image``) and of the diffusers pipeline, same model,
+    prompts, steps and batch, and the ratio pipeline time / diffkit time (> 1: diffkit faster)."""
+    from diffkit.eval.sd_probes import prompt_scenes
+    from diffkit.latent import sd as sd_loop
+    from diffkit.recipes.sd import RECOMMENDED
+
+    pipe = sd_loop.load_pipeline(device=device)
+    batch, repeats = (4, 1) if quick else (64, 3)
+    prompts = prompt_scenes(batch, 1).captions
+    steps, scale = RECOMMENDED["num_inference_steps"], RECOMMENDED["guidance_scale"]
+
+    def ours():
+        sd_loop.text_to_image(pipe, prompts, steps=steps, guidance_scale=scale,
+                              sampler=RECOMMENDED["scheduler"],
+                              generator=torch.Generator().manual_seed(0))
+
+    def theirs():
+        pipe(prompts, num_inference_steps=steps, guidance_scale=scale, output_type="pt",
+             generator=torch.Generator().manual_seed(0))
+
+    with torch.no_grad():
+        ours()   # warm-up: first calls allocate
+        t_ours, t_theirs = timed(ours, repeats), timed(theirs, repeats)
+    return {"batch": batch, "steps": steps, "guidance_scale": scale,
+            "diffkit_images_per_second": batch / t_ours,
+            "pipeline_images_per_second": batch / t_theirs,
+            "pipeline_over_diffkit_time": t_theirs / t_ours}
 
 
 def main(argv=None) -> int:

@@ -90,8 +90,8 @@ def save(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], card: dict
 
 
 def _pretrained_members(model) -> dict[str, torch.nn.Module] | None:
-    """{subfolder: model} for a diffusers model ("" = the folder itself) or a ModuleDict of them;
-    None for a plain diffkit network."""
+    """{subfolder: model} for a diffusers model or pipeline ("" = the folder itself) or a
+    ModuleDict of models; None for a plain diffkit network."""
     if hasattr(model, "save_pretrained"):
         return {"": model}
     if isinstance(model, torch.nn.ModuleDict) and len(model) and all(
@@ -192,21 +192,39 @@ LEGACY_CLASS_HOMES = {"MLPDenoiser": "diffkit.nn.mlp", "UNet": "diffkit.nn.unet"
 
 # the diffusers classes a card may name (from_pretrained on the checkpoint's folder)
 DIFFUSERS_CLASSES = ("AutoencoderKL", "UNet2DConditionModel", "ControlNetModel")
+# whole pipelines (a model_index.json folder of components) a card may name
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
-def _from_pretrained(class_name: str, folder: Path) -> torch.nn.Module:
+def _from_pretrained(class_name: str, folder: Path):
     import diffusers
 
-    if class_name not in DIFFUSERS_CLASSES:
+    if class_name not in DIFFUSERS_CLASSES + PIPELINE_CLASSES:
         raise ValueError(f"card names diffusers class {class_name!r}; expected one of "
-                         f"{DIFFUSERS_CLASSES}")
-    if not (folder / "config.json").exists():
-        raise ValueError(f"{folder} holds no diffusers model (config.json missing)")
-    return getattr(diffusers, class_name).from_pretrained(str(folder))
+                         f"{DIFFUSERS_CLASSES + PIPELINE_CLASSES}")
+    index = "model_index.json" if class_name in PIPELINE_CLASSES else "config.json"
+    if not (folder / index).exists():
+        raise ValueError(f"{folder} holds no diffusers {class_name} ({index} missing)")
+    model = getattr(diffusers, class_name).from_pretrained(str(folder))
+    if class_name in PIPELINE_CLASSES:
+        model.set_progress_bar_config(disable=True)
+    return model
+
+
+def _eval(model, device):
+    """Move to ``device`` in eval mode; a pipeline (no ``eval``) has its components put there."""
+    model = model.to(device or "cpu")
+    if isinstance(model, torch.nn.Module):
+        return model.eval()
+    for component in model.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return model
 
 
 def load_model(name: str, *, root=None, device=None) -> tuple[torch.nn.Module, dict]:
-    """Load the EMA weights of checkpoint NAME into a fresh model, in eval mode."""
+    """Load the EMA weights of checkpoint NAME into a fresh model (or diffusers pipeline), in
+    eval mode."""
     folder = checkpoint_dir(name, root)
     if not (folder / "card.json").exists():
         raise ValueError(f"{folder} is not a checkpoint: card.json is missing (train it with "
@@ -219,7 +237,7 @@ def load_model(name: str, *, root=None, device=None) -> tuple[torch.nn.Module, d
                                          for sub, cls in spec["members"].items()})
         else:
             model = _from_pretrained(spec["class"], folder)
-        return model.to(device or "cpu").eval(), card
+        return _eval(model, device), card
     tensors, card = load(folder)
     model = build_model(card)
     model.load_state_dict(tensors)

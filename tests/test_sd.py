@@ -11,8 +11,8 @@ from diffkit.latent import sd, tiny_sd
 from diffkit.latent.vae import make_vae
 from diffkit.text import clip
 
-SCHEDULERS = {"euler": lambda: tiny_sd.make_scheduler("euler"),
-              "dpmpp_2m": lambda: tiny_sd.make_scheduler("dpmpp_2m")}
+SCHEDULERS = {name: (lambda name=name: tiny_sd.make_scheduler(name))
+              for name in ("euler", "euler_ancestral", "dpmpp_2m")}
 PROMPTS = ["a red circle on the left", "a large blue square and a small green triangle"]
 
 
@@ -74,3 +74,58 @@ def test_bad_input_raises(pipeline_folder):
         sd.text_to_image(pipe, PROMPTS, steps=0)
     with pytest.raises(ValueError, match="unknown sampler"):
         sd.text_to_image(pipe, PROMPTS, steps=2, sampler="plms")
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_image_to_image_equals_the_img2img_pipeline(pipeline_folder, name, strength):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from diffkit.data.shapes import make_shapes
+
+    pipe = sd.load_pipeline(str(pipeline_folder), device="cpu")
+    pipe.scheduler = SCHEDULERS[name]()
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    images = make_shapes(2, seed=5).images
+    theirs = img2img(PROMPTS, image=(images + 1) / 2, strength=strength, num_inference_steps=10,
+                     guidance_scale=4.0, generator=torch.Generator().manual_seed(3),
+                     output_type="pt").images
+    ours = sd.image_to_image(pipe, images, PROMPTS, strength=strength, steps=10,
+                             guidance_scale=4.0, sampler=name,
+                             generator=torch.Generator().manual_seed(3))
+    assert ours.shape == theirs.shape == (2, 3, 32, 32)
+    assert ((ours + 1) / 2 - theirs).abs().max() <= 1e-4
+    other = sd.image_to_image(pipe, images, PROMPTS, strength=strength / 2, steps=10,
+                              guidance_scale=4.0, sampler=name,
+                              generator=torch.Generator().manual_seed(3))
+    assert (ours - other).abs().max() > 1e-2    # strength changes the result
+
+
+def test_image_to_image_bad_input(pipeline_folder):
+    pipe = sd.load_pipeline(str(pipeline_folder), device="cpu")
+    images = torch.zeros(2, 3, 32, 32)
+    for strength in (0.0, 1.5, -0.1, True):
+        with pytest.raises(ValueError, match="strength must lie in"):
+            sd.image_to_image(pipe, images, PROMPTS, strength=strength, steps=4)
+    with pytest.raises(ValueError, match="leaves no step"):
+        sd.image_to_image(pipe, images, PROMPTS, strength=0.1, steps=4)
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        sd.image_to_image(pipe, images, PROMPTS[:1], strength=0.5, steps=4)
+
+
+def test_a_pipeline_checkpoint_round_trips(pipeline_folder, tmp_path):
+    # checkpoints.save_model writes a pipeline with save_pretrained; load_model gives it back
+    pipe = sd.load_pipeline(str(pipeline_folder), device="cpu")
+    card = {"model": checkpoints.describe(pipe)}
+    assert card["model"] == {"class": "StableDiffusionPipeline", "library": "diffusers"}
+    checkpoints.save_model(tmp_path / "p", pipe, card)
+    assert (tmp_path / "p" / "model_index.json").exists()
+    back, read = checkpoints.load_model("p", root=tmp_path)
+    assert isinstance(back, StableDiffusionPipeline) and read == card
+    assert not back.unet.training and not back.vae.training
+    for key, value in pipe.unet.state_dict().items():
+        assert torch.equal(back.unet.state_dict()[key], value)
+    (tmp_path / "p" / "model_index.json").unlink()
+    with pytest.raises(ValueError, match="model_index.json missing"):
+        checkpoints.load_model("p", root=tmp_path)

@@ -161,7 +161,7 @@ def test_caption_matches_scores_wrong_captions():
 
 def test_judge_reads_real_images(batch):
     acc = judge_accuracy(batch)
-    for key in ("shape", "colour", "size", "position", "object", "count"):
+    for key in ("shape", "colour", "size", "position", "colour_shape", "object", "count"):
         assert acc[key] >= 0.99, (key, acc)
     assert judge(batch.images[:20]) == [sorted(o, key=lambda o: POSITIONS.index(o.position))
                                         for o in batch.objects[:20]]
@@ -210,3 +210,4 @@ def test_judge_accuracy_pairs_a_lone_find_with_the_right_object():
     keep[0][:, b.masks[0, 0]] = grey          # erase the first object
     acc = judge_accuracy(b, keep)
     assert acc["object"] == 0.5 and acc["count"] == 0.0 and acc["image"] == 0.0
+    assert acc["colour_shape"] == 0.5

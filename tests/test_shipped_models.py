@@ -310,9 +310,44 @@ def test_patches_vae_bars_fail_untrained():
     assert "base psnr" in _patches_bars_failed(measured), measured["base"]
 
 
+# --- shapes-sd: the shapes judge on what the tiny SD draws for held-out prompts ---------------
+
+SHAPES_SD_N = 100
+# KW = dict(n=100), SEEDS sd_probes.SD_TEST_SEED + 0, 10, 20, 30 (+ 0 is the card's), 2 threads:
+#   colour_1obj 1.0 in every seed; size_1obj 0.99-1.0; position_1obj 1.0; count_1obj 0.99-1.0
+#                                                           bars >= 0.95 (4+ misses in 100)
+#   shape_1obj  0.88, 0.90, 0.83, 0.85: mean 0.865, sd 0.03  bar >= 0.70 (5 sd below)
+#   count_2obj  0.96, 0.98, 0.95, 0.90: mean 0.95, sd 0.03   bar >= 0.80 (5 sd below)
+# (issue 11's bar, colour and shape both right >= 0.90, is not met: see the card.)
+# The same pipeline with an untrained UNet fails every bar (below).
+SHAPES_SD_BARS = {"colour_1obj": 0.95, "size_1obj": 0.95, "position_1obj": 0.95,
+                  "count_1obj": 0.95, "shape_1obj": 0.70, "count_2obj": 0.80}
+
+
+def test_shapes_sd_live(shipped_model):
+    measured = measure(shipped_model, "shapes-sd", n=SHAPES_SD_N)
+    failed = {k: measured[k] for k, bar in SHAPES_SD_BARS.items() if measured[k] < bar}
+    assert not failed, failed
+
+
+def test_shapes_sd_bars_fail_untrained(shipped_model):
+    from diffkit.latent import tiny_sd
+
+    pipe, _ = shipped_model("shapes-sd")
+    torch.manual_seed(0)
+    unet = tiny_sd.make_unet(pipe.text_encoder.config.hidden_size,
+                             **recipes.sd.SD_UNET).eval()
+    untrained = tiny_sd.build_pipeline(pipe.vae, pipe.text_encoder, pipe.tokenizer, unet,
+                                       pipe.scheduler)
+    untrained.set_progress_bar_config(disable=True)
+    measured = recipes.RECIPES["shapes-sd"].measure(untrained, "cpu", n=SHAPES_SD_N)
+    passed = [k for k, bar in SHAPES_SD_BARS.items() if measured[k] >= bar]
+    assert passed == [], {k: measured[k] for k in passed}
+
+
 def test_every_shipped_model_is_measured_live_here():
     # a new recipe needs its live re-measurement in this file
     measured_here = {"toy2d-ddpm", "digits-judge", "digits-ddpm", "digits-ddpm-cosine",
                      "digits-cond-ddpm", "digits-classifier-noisy", "shapes-clip", "shapes-blip",
-                     "shapes-vae", "patches-vae"}
+                     "shapes-vae", "patches-vae", "shapes-sd"}
     assert set(recipes.RECIPES) == measured_here

@@ -65,6 +65,12 @@ def _hue_and_chroma(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
+def foreground(images: torch.Tensor, *, chroma_threshold: float = 0.5) -> torch.Tensor:
+    """The pixels the judge counts as object (N, S, S), bool: chroma above the threshold's
+    fraction of the palette's."""
+    return torch.from_numpy(_hue_and_chroma(images)[1] > chroma_threshold)
+
+
 def judge(images: torch.Tensor, *, min_area: float | None = None,
           chroma_threshold: float = 0.5) -> list[list[ShapeObject]]:
     """Objects seen in images (N, 3, S, S) in [-1, 1]: one list of ShapeObject per image.
@@ -122,8 +128,8 @@ def judge_accuracy(batch: ShapesBatch, images: torch.Tensor | None = None) -> di
     """Agreement of judge(images) (default batch.images) with the batch's true objects.
 
     Judged and true objects are paired per image in the order that agrees best. Returns the
-    fraction of true objects whose shape / colour / size / position is read right, "object" (all
-    four right), "count" (images with the right number of objects) and "image" (count and every
+    fraction of true objects whose shape / colour / size / position is read right,
+    "colour_shape" (both of those right), "object" (all four right), "count" (images with the right number of objects) and "image" (count and every
     object right). Pass generated images to score a conditional generator against its prompts.
     """
     if not isinstance(batch, ShapesBatch):
@@ -131,7 +137,7 @@ def judge_accuracy(batch: ShapesBatch, images: torch.Tensor | None = None) -> di
     seen = judge(batch.images if images is None else images)
     if len(seen) != len(batch.objects):
         raise ValueError(f"images hold {len(seen)} scenes but the batch {len(batch.objects)}")
-    right = dict.fromkeys(ATTRIBUTES + ("object",), 0)
+    right = dict.fromkeys(ATTRIBUTES + ("colour_shape", "object"), 0)
     count = image = total = 0
     for truth, found in zip(batch.objects, seen):
         best = None
@@ -144,6 +150,7 @@ def judge_accuracy(batch: ShapesBatch, images: torch.Tensor | None = None) -> di
         for hit in best:
             for a, h in zip(ATTRIBUTES, hit):
                 right[a] += h
+            right["colour_shape"] += hit[0] and hit[1]
             right["object"] += all(hit)
         total += len(truth)
         count += len(found) == len(truth)

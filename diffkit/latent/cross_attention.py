@@ -56,14 +56,16 @@ class AttentionRecorder:
     """A diffusers attention processor that records cross-attention maps.
 
     Install with ``unet.set_attn_processor(recorder)``; every call of a cross-attention layer
-    (``encoder_hidden_states`` given) appends (layer name, probabilities (B, heads, N, M)) to
-    ``maps`` while ``recording`` is True. Self-attention layers are computed the same way and
+    (``encoder_hidden_states`` given) appends (layer name, probabilities (B, heads, N, M), or
+    ``reduce`` of them) to ``maps`` while ``recording`` is True. Self-attention layers are computed the same way and
     not recorded. The output equals diffusers' own processors (checked in the tests).
     """
 
-    def __init__(self):
+    def __init__(self, reduce=None):
+        # reduce(probs) -> what to keep (e.g. the head mean), applied before storing: a
+        # sampling run calls every layer at every step, and full maps add up
         self.maps: list[tuple[str, torch.Tensor]] = []
-        self.recording = True
+        self.recording, self.reduce = True, reduce
         self._names: dict[int, str] = {}
 
     def name_layers(self, unet) -> "AttentionRecorder":
@@ -95,7 +97,8 @@ class AttentionRecorder:
                                      attn.to_out[0], attn.heads, return_probs=True)
         out = attn.to_out[1](out)                        # dropout (identity in eval)
         if is_cross and self.recording:
-            self.maps.append((self._names.get(id(attn), "attention"), probs.detach().cpu()))
+            kept = probs.detach() if self.reduce is None else self.reduce(probs.detach())
+            self.maps.append((self._names.get(id(attn), "attention"), kept.cpu()))
         if image_like:
             out = out.transpose(1, 2).reshape(b, c, h, w)
         if attn.residual_connection:

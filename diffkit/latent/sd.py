@@ -24,11 +24,12 @@ import torch
 from diffkit import checkpoints, config
 from diffkit.diffusion.contract import draw_noise
 from diffkit.diffusion.denoisers import DiscreteTimeDenoiser
-from diffkit.diffusion.samplers import sample_dpmpp_2m, sample_euler
+from diffkit.diffusion.samplers import sample_dpmpp_2m, sample_euler, sample_euler_ancestral
 from diffkit.latent.vae import downsampling_factor
 
-PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-SAMPLERS = {"euler": sample_euler, "dpmpp_2m": sample_dpmpp_2m}
+PIPELINE_CLASSES = checkpoints.PIPELINE_CLASSES
+SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral,
+            "dpmpp_2m": sample_dpmpp_2m}
 TINY_SD = "shapes-sd"
 
 
@@ -112,34 +113,94 @@ def _check_size(pipe, height: int, width: int) -> None:
                              f"got {value!r}")
 
 
-@torch.no_grad()
-def text_to_image(pipe, prompts: list[str], *, steps: int = 20, guidance_scale: float = 7.5,
-                  sampler: str = "dpmpp_2m", height: int | None = None, width: int | None = None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] for ``prompts``, with a diffkit sampler ("euler" or
-    "dpmpp_2m") on the timesteps the pipeline's scheduler would use (its spacing and offset).
-    The initial noise x_T ~ N(0, I) is drawn from ``generator`` as the pipeline draws it."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
+def _timesteps(pipe, steps: int) -> list[int]:
+    # the discretisation is the scheduler's (its spacing and offset differ between schedulers:
+    # DPM-Solver's "leading" divides T by steps + 1, Euler's by steps); the steps are diffkit's
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    factor = downsampling_factor(pipe.vae)
-    size = pipe.unet.config.sample_size * factor
-    height, width = height or size, width or size
-    _check_size(pipe, height, width)
+    pipe.scheduler.set_timesteps(steps)
+    return [int(round(float(t))) for t in pipe.scheduler.timesteps]
+
+
+def _denoise(pipe, prompts, x, timesteps, guidance_scale, sampler, generator):
+    """Run a diffkit sampler from x (sigma units, at timesteps[0]) to sigma = 0 and decode."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
     cond = encode_prompt(pipe, prompts)
     uncond = encode_prompt(pipe, [""] * len(prompts))
     denoiser = unet_denoiser(pipe)
     guided = TextGuidance(denoiser, cond, uncond, guidance_scale)
-    # the discretisation is the scheduler's (its spacing and offset differ between schedulers:
-    # DPM-Solver's "leading" divides T by steps + 1, Euler's by steps); the steps are diffkit's
-    pipe.scheduler.set_timesteps(steps)
-    timesteps = [int(round(float(t))) for t in pipe.scheduler.timesteps]
     sigmas = denoiser.sigmas_for_timesteps(timesteps)
-    shape = (len(prompts), pipe.unet.config.in_channels, height // factor, width // factor)
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    x_T = draw_noise(torch.empty(shape, device=device, dtype=dtype), generator)
-    x = x_T * (1 + sigmas[0] ** 2).sqrt().to(dtype)           # x_sigma = sqrt(1 + sigma^2) x_T
-    latents = SAMPLERS[sampler](guided, x, sigmas.to(device), generator=generator)
+    x = x(sigmas[0])
+    latents = SAMPLERS[sampler](guided, x, sigmas.to(x.device), generator=generator)
     images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     return images.clamp(-1, 1)
+
+
+@torch.no_grad()
+def text_to_image(pipe, prompts: list[str], *, steps: int = 20, guidance_scale: float = 7.5,
+                  sampler: str = "dpmpp_2m", height: int | None = None, width: int | None = None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] for ``prompts``, with a diffkit sampler ("euler",
+    "euler_ancestral" or "dpmpp_2m") on the timesteps the pipeline's scheduler would use (its
+    spacing and offset).
+    The initial noise x_T ~ N(0, I) is drawn from ``generator`` as the pipeline draws it."""
+    factor = downsampling_factor(pipe.vae)
+    size = pipe.unet.config.sample_size * factor
+    height, width = height or size, width or size
+    _check_size(pipe, height, width)
+    timesteps = _timesteps(pipe, steps)
+    shape = (len(prompts), pipe.unet.config.in_channels, height // factor, width // factor)
+    x_T = draw_noise(torch.empty(shape, device=pipe.unet.device, dtype=pipe.unet.dtype),
+                     generator)
+    # x_sigma = sqrt(1 + sigma^2) x_T: the pure-noise start in sigma units
+    start = lambda sigma: x_T * (1 + sigma ** 2).sqrt().to(x_T.dtype)   # noqa: E731
+    return _denoise(pipe, prompts, start, timesteps, guidance_scale, sampler, generator)
+
+
+@torch.no_grad()
+def image_to_image(pipe, images: torch.Tensor, prompts: list[str], *, strength: float = 0.6,
+                   steps: int = 20, guidance_scale: float = 7.5, sampler: str = "dpmpp_2m",
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """SDEdit (Meng et al. 2022): encode ``images`` (B, 3, H, W) in [-1, 1], noise the latent
+    to the level of the last ``strength`` fraction of the schedule, x = z_0 + sigma eps, and
+    denoise it under ``prompts``. strength 1 starts from (almost) pure noise, small strength
+    keeps the input. The latent sample and then eps come from ``generator``, in the order of
+    ``StableDiffusionImg2ImgPipeline``, which this equals on the same inputs."""
+    from diffkit.latent.vae import encode
+
+    if (isinstance(strength, bool) or not isinstance(strength, numbers.Real)
+            or not 0 < strength <= 1):
+        raise ValueError(f"strength must lie in (0, 1], got {strength!r}")
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    timesteps = _timesteps(pipe, steps)
+    kept = min(int(steps * strength), steps)      # the pipeline's get_timesteps
+    if kept == 0:
+        raise ValueError(f"strength {strength} x {steps} steps leaves no step; raise either")
+    z_0 = encode(pipe.vae, images.to(pipe.vae.device, pipe.vae.dtype), generator=generator)
+    eps = draw_noise(z_0, generator)
+    start = lambda sigma: z_0 + sigma.to(z_0.dtype) * eps              # noqa: E731
+    return _denoise(pipe, prompts, start, timesteps[steps - kept:], guidance_scale, sampler,
+                    generator)
+
+
+@torch.no_grad()
+def compare_with_pipeline(pipe, prompts: list[str], *, steps: int, guidance_scale: float,
+                          seed: int = 0):
+    """(diffkit's images, the pipeline's, max abs difference in [0, 1] pixels) on the same
+    prompts and seed, with the sampler that matches the pipeline's scheduler: the check that
+    ``text_to_image`` is ``StableDiffusionPipeline.__call__`` on any SD model."""
+    names = {"EulerDiscreteScheduler": "euler", "DPMSolverMultistepScheduler": "dpmpp_2m",
+             "EulerAncestralDiscreteScheduler": "euler_ancestral"}
+    scheduler = type(pipe.scheduler).__name__
+    if scheduler not in names:
+        raise ValueError(f"the pipeline's scheduler is {scheduler}; expected one of "
+                         f"{sorted(names)} (set pipe.scheduler to one of them)")
+    generator = torch.Generator().manual_seed(seed)
+    ours = text_to_image(pipe, prompts, steps=steps, guidance_scale=guidance_scale,
+                         sampler=names[scheduler], generator=generator)
+    theirs = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale,
+                  generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    theirs = torch.as_tensor(theirs).to(ours.device) * 2 - 1
+    return ours, theirs, float(((ours - theirs) / 2).abs().max())

@@ -41,17 +41,55 @@ def make_unet(cross_attention_dim: int, *, latent_channels: int = 4, sample_size
 
 
 def make_scheduler(kind: str = "dpmpp_2m", prediction_type: str = "epsilon"):
-    """A diffusers scheduler on SD's schedule: "dpmpp_2m", "euler" or "ddim"."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    """A diffusers scheduler on SD's schedule: "dpmpp_2m", "euler", "euler_ancestral" or
+    "ddim"."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
 
     kinds = {"dpmpp_2m": (DPMSolverMultistepScheduler,
                           dict(algorithm_type="dpmsolver++", solver_order=2)),
              "euler": (EulerDiscreteScheduler, {}),
+             "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
              "ddim": (DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=False))}
     if kind not in kinds:
         raise ValueError(f"unknown scheduler {kind!r}; expected one of {sorted(kinds)}")
     cls, extra = kinds[kind]
     return cls(**SD_SCHEDULE, prediction_type=prediction_type, **extra)
+
+
+def frozen_parts(root=None, device=None):
+    """(vae, text_encoder, tokenizer): the shipped ``shapes-vae`` and the text half of
+    ``shapes-clip`` (a transformers ``CLIPTextModel`` and its ``CLIPTokenizer``), frozen."""
+    from diffkit import checkpoints
+
+    vae, _ = checkpoints.load_model("shapes-vae", root=root, device=device)
+    clip, _ = checkpoints.load_model("shapes-clip", root=root, device=device)
+    for module in (vae, clip):
+        module.requires_grad_(False)
+    return vae, clip.text_model, clip.tokenizer
+
+
+@torch.no_grad()
+def text_states(text_encoder, tokenizer, captions: list[str], *, batch: int = 1000):
+    """Per-token states (N, L, D) of the captions, padded to the tokenizer's length."""
+    ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+                    return_tensors="pt").input_ids.to(text_encoder.device)
+    return torch.cat([text_encoder(chunk)[0] for chunk in ids.split(batch)])
+
+
+@torch.no_grad()
+def encode_pool(vae, text_encoder, tokenizer, images, captions, *, generator=None,
+                batch: int = 1000):
+    """The training pool of latent diffusion, computed once because both encoders are frozen:
+    scaled latents (a posterior sample, as SD trains) and the captions' text states."""
+    from diffkit.latent import vae as V
+
+    latents = V.encode(vae, images, generator=generator, batch_size=batch)
+    return latents, text_states(text_encoder, tokenizer, captions, batch=batch)
 
 
 def build_pipeline(vae, text_encoder, tokenizer, unet, scheduler=None):
@@ -73,7 +111,8 @@ class LatentDiffusionLoss:
     """
 
     def __init__(self, alphas_cumprod: torch.Tensor, empty: torch.Tensor, *,
-                 caption_dropout: float = 0.1, target: str = "epsilon"):
+                 caption_dropout: float = 0.1, target: str = "epsilon",
+                 snr_gamma: float | None = None):
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         if (isinstance(caption_dropout, bool) or not isinstance(caption_dropout, numbers.Real)
@@ -82,6 +121,10 @@ class LatentDiffusionLoss:
         if empty.ndim != 3 or empty.shape[0] != 1:
             raise ValueError(f"empty must be the (1, L, D) states of the empty prompt, got "
                              f"{tuple(empty.shape)}")
+        if snr_gamma is not None and not (isinstance(snr_gamma, numbers.Real)
+                                          and not isinstance(snr_gamma, bool) and snr_gamma > 0):
+            raise ValueError(f"snr_gamma must be None or a positive number, got {snr_gamma!r}")
+        self.snr_gamma = snr_gamma
         self.abar = torch.as_tensor(alphas_cumprod, dtype=torch.float32)
         self.empty, self.caption_dropout, self.target = empty, float(caption_dropout), target
 
@@ -99,5 +142,14 @@ class LatentDiffusionLoss:
         z_t = abar.sqrt() * latents + (1 - abar).sqrt() * noise
         prediction = unet(z_t, t.to(device), encoder_hidden_states=states).sample
         if self.target == "epsilon":
-            return F.mse_loss(prediction, noise)
-        return F.mse_loss(prediction, abar.sqrt() * noise - (1 - abar).sqrt() * latents)
+            goal = noise
+        else:
+            goal = abar.sqrt() * noise - (1 - abar).sqrt() * latents
+        if self.snr_gamma is None:
+            return F.mse_loss(prediction, goal)
+        # Min-SNR-gamma (Hang et al. 2023): weight each t by min(SNR, gamma) / SNR for epsilon
+        # (/ (SNR + 1) for v), which caps the low-noise steps' share of the gradient
+        snr = (abar / (1 - abar)).flatten()
+        weight = snr.clamp(max=self.snr_gamma) / (snr if self.target == "epsilon" else snr + 1)
+        per_sample = F.mse_loss(prediction, goal, reduction="none").flatten(1).mean(1)
+        return (weight * per_sample).mean()
