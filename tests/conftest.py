@@ -45,3 +45,19 @@ def shipped_model(shipped_card):
             pytest.fail(_missing(name))
         return checkpoints.load_model(name)
     return model
+
+
+@pytest.fixture(scope="module")
+def untrained_tiny_sd():
+    """A tiny StableDiffusionPipeline: shapes-clip's text encoder, an untrained VAE and UNet
+    (seed 0), one per test module (tests install attention processors on it)."""
+    from diffkit.latent import tiny_sd
+    from diffkit.latent.vae import make_vae
+
+    clip_model, _ = checkpoints.load_model("shapes-clip")
+    torch.manual_seed(0)
+    vae = make_vae()
+    unet = tiny_sd.make_unet(cross_attention_dim=clip_model.text_model.config.hidden_size)
+    pipe = tiny_sd.build_pipeline(vae, clip_model.text_model, clip_model.tokenizer, unet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -4,10 +4,8 @@ path through the UNet, and the attention maps of a sampling run."""
 import pytest
 import torch
 
-from diffkit import checkpoints
 from diffkit.latent import anatomy, attention_maps, sd, tiny_sd
 from diffkit.latent.cross_attention import AttentionRecorder
-from diffkit.latent.vae import make_vae
 
 
 def test_sd15_parameter_counts_from_the_config():
@@ -51,14 +49,8 @@ def test_denoising_error_is_per_timestep(unet):
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    clip_model, _ = checkpoints.load_model("shapes-clip")
-    torch.manual_seed(0)
-    vae = make_vae()
-    unet = tiny_sd.make_unet(cross_attention_dim=clip_model.text_model.config.hidden_size)
-    pipe = tiny_sd.build_pipeline(vae, clip_model.text_model, clip_model.tokenizer, unet)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def pipe(untrained_tiny_sd):
+    return untrained_tiny_sd
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])

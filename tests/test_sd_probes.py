@@ -4,11 +4,8 @@ run end to end on an untrained tiny pipeline (their figures are then near chance
 import pytest
 import torch
 
-from diffkit import checkpoints
 from diffkit.data.shapes import make_shapes
 from diffkit.eval import sd_probes
-from diffkit.latent import tiny_sd
-from diffkit.latent.vae import make_vae
 
 
 def test_binding_on_true_and_swapped_images():
@@ -39,14 +36,8 @@ def test_outline_spread():
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    clip_model, _ = checkpoints.load_model("shapes-clip")
-    torch.manual_seed(0)
-    vae = make_vae()
-    unet = tiny_sd.make_unet(cross_attention_dim=clip_model.text_model.config.hidden_size)
-    pipe = tiny_sd.build_pipeline(vae, clip_model.text_model, clip_model.tokenizer, unet)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def pipe(untrained_tiny_sd):
+    return untrained_tiny_sd
 
 
 def test_reports_run_on_an_untrained_pipeline(pipe):
