@@ -255,10 +255,10 @@ def sd(device: torch.device, quick: bool) -> dict:
     with torch.no_grad():
         ours()   # warm-up: first calls allocate
         t_ours, t_theirs = timed(ours, repeats), timed(theirs, repeats)
-    return {"batch": batch, "steps": steps, "guidance_scale": scale,
-            "diffkit_images_per_second": batch / t_ours,
-            "pipeline_images_per_second": batch / t_theirs,
-            "pipeline_over_diffkit_time": t_theirs / t_ours}
+    return {"shapes-sd": {"batch": batch, "steps": steps, "guidance_scale": scale,
+                          "diffkit_images_per_second": batch / t_ours,
+                          "pipeline_images_per_second": batch / t_theirs,
+                          "pipeline_over_diffkit_time": t_theirs / t_ours}}
 
 
 def main(argv=None) -> int:

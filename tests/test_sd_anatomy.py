@@ -67,6 +67,15 @@ def test_word_maps_of_a_run(pipe, guidance_scale):
     torch.testing.assert_close(maps.sum(2), torch.ones(3, 2, 8, 8), atol=1e-5, rtol=0)
     # the pipeline's own processors are back afterwards
     assert not any(isinstance(p, AttentionRecorder) for p in pipe.unet.attn_processors.values())
+    # the middle block's layer, at half the latent's side
+    _, middle = attention_maps.record_word_maps(pipe, prompts, steps=3, size=4,
+                                                guidance_scale=guidance_scale,
+                                                generator=torch.Generator().manual_seed(0))
+    assert middle.shape == (3, 2, pipe.tokenizer.model_max_length, 4, 4)
+    torch.testing.assert_close(middle.sum(2), torch.ones(3, 2, 4, 4), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="3x3 cross-attention maps"):
+        attention_maps.record_word_maps(pipe, prompts, steps=3, size=3,
+                                        guidance_scale=guidance_scale)
 
 
 def test_word_positions_and_map_statistics(pipe):

@@ -47,6 +47,8 @@ def test_reports_run_on_an_untrained_pipeline(pipe):
     report, inputs, prompts, outputs = sd_probes.img2img_report(
         pipe, [0.5, 1.0], n=4, steps=4, guidance_scale=2.0)
     assert set(report) == {0.5, 1.0} and outputs[1.0].shape == (4, 3, 32, 32)
+    assert {"input", "prompt", "input_colour", "input_shape", "prompt_colour", "prompt_shape",
+            "rms"} == set(report[0.5])
     for truth, other in zip(inputs.objects, prompts.objects):   # the prompt differs
         assert truth[0].colour != other[0].colour and truth[0].shape != other[0].shape
     scenes = sd_probes.prompt_scenes(3, 1)
@@ -54,6 +56,8 @@ def test_reports_run_on_an_untrained_pipeline(pipe):
     assert maps.shape[:2] == (2, 3) and images.shape == (3, 3, 32, 32)
     assert {"inside_colour", "inside_shape", "inside_size", "inside_position", "area"} <= set(
         words)
+    _, middle, _ = sd_probes.word_attention(pipe, scenes, steps=2, guidance_scale=2.0, size=4)
+    assert middle.shape[-2:] == (4, 4)
     with pytest.raises(ValueError, match="batch must be a positive integer"):
         sd_probes.generate(pipe, ["a red circle"], steps=2, guidance_scale=1.0, batch=0)
 

@@ -52,6 +52,14 @@ def test_the_real_model_path_on_the_tiny_folder(monkeypatch):
 
 
 def test_sd_bench_quick_runs():
-    figures = bench.BENCHES["sd"](torch.device("cpu"), True)
+    figures = bench.BENCHES["sd"](torch.device("cpu"), True)["shapes-sd"]
     assert figures["batch"] == 4 and figures["diffkit_images_per_second"] > 0
     assert figures["pipeline_over_diffkit_time"] > 0
+
+
+def test_benchmark_records_are_cases_of_figures():
+    # book/performance.md renders every record as {case: {figure: value}}
+    for path in sorted(bench.RESULTS.glob("*.json")):
+        record = json.loads(path.read_text())
+        assert record["figures"] and all(isinstance(v, dict) and v
+                                         for v in record["figures"].values()), path.name

@@ -119,10 +119,38 @@ def _other_scenes(scenes: ShapesBatch, seed: int) -> ShapesBatch:
                 break
     if len(picked) != len(scenes):
         raise ValueError("could not find a differing prompt for every scene")  # pragma: no cover
-    index = torch.tensor(picked)
-    return ShapesBatch(pool.images[index], [pool.captions[j] for j in picked],
-                       [pool.objects[j] for j in picked], pool.background[index],
-                       pool.masks[index], pool.edges[index])
+    return subset(pool, picked)
+
+
+def subset(scenes: ShapesBatch, index: list[int]) -> ShapesBatch:
+    """The scenes at ``index`` (images, captions, objects, background, masks, edges)."""
+    rows = torch.as_tensor(index, dtype=torch.long)
+    return ShapesBatch(scenes.images[rows], [scenes.captions[j] for j in index],
+                       [scenes.objects[j] for j in index], scenes.background[rows],
+                       scenes.masks[rows], scenes.edges[rows])
+
+
+def per_image(scenes: ShapesBatch, images: torch.Tensor, key: str = "colour_shape"):
+    """``judge_accuracy(...)[key]`` (or ``binding``'s "both_right" for two-object scenes) of each
+    image alone (N,): the per-prompt outcomes that a paired comparison of two settings needs."""
+    if len(images) != len(scenes):
+        raise ValueError(f"{len(images)} images for {len(scenes)} scenes")
+    def score(i):
+        one, image = subset(scenes, [i]), images[i:i + 1]
+        figures = judge_accuracy(one, image)
+        if key not in figures:                      # "both_right" of a two-object scene
+            figures = binding(one, image)
+        return figures[key]
+
+    return torch.tensor([score(i) for i in range(len(scenes))], dtype=torch.float64)
+
+
+def paired_gap(scenes: ShapesBatch, images_a: torch.Tensor, images_b: torch.Tensor,
+               key: str = "colour_shape") -> dict[str, float]:
+    """Setting a minus setting b on the same prompts (and noise): the mean difference of
+    ``key`` and its standard error (sd of the per-prompt differences / sqrt(N))."""
+    diff = per_image(scenes, images_a, key) - per_image(scenes, images_b, key)
+    return {"gap": float(diff.mean()), "se": float(diff.std() / len(diff) ** 0.5)}
 
 
 @torch.no_grad()
@@ -130,9 +158,9 @@ def img2img_report(pipe, strengths, *, n: int, steps: int, guidance_scale: float
                    sampler: str = "dpmpp_2m", seed: int = SD_TEST_SEED, batch: int = 100):
     """SDEdit against its two pulls: n held-out one-object scenes, each edited under the prompt
     of a scene with another colour and shape. Per strength: "input" and "prompt", the fraction
-    of results whose colour and shape are the input's / the prompt's, and "rms" (pixel RMS
-    distance to the input). Returns (figures per strength, inputs, prompts, outputs per
-    strength)."""
+    of results whose colour and shape are the input's / the prompt's, the same per attribute
+    ("input_colour", "prompt_shape", ...), and "rms" (pixel RMS distance to the input).
+    Returns (figures per strength, inputs, prompts, outputs per strength)."""
     from diffkit.eval.metrics import rms_per_image
     from diffkit.latent.sd import image_to_image
 
@@ -146,9 +174,11 @@ def img2img_report(pipe, strengths, *, n: int, steps: int, guidance_scale: float
                                         steps=steps, guidance_scale=guidance_scale,
                                         sampler=sampler, generator=g).cpu()
                          for i in range(0, n, batch)])
+        kept, followed = judge_accuracy(inputs, out), judge_accuracy(prompts, out)
         figures[strength] = {
-            "input": judge_accuracy(inputs, out)["colour_shape"],
-            "prompt": judge_accuracy(prompts, out)["colour_shape"],
+            "input": kept["colour_shape"], "prompt": followed["colour_shape"],
+            **{f"{who}_{a}": f[a] for who, f in (("input", kept), ("prompt", followed))
+               for a in ("colour", "shape")},
             "rms": float(rms_per_image(out, inputs.images).mean())}
         outputs[strength] = out
     return figures, inputs, prompts, outputs
@@ -180,19 +210,22 @@ def outline_spread(images: torch.Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def word_attention(pipe, scenes: ShapesBatch, *, steps: int, guidance_scale: float,
-                   sampler: str = "dpmpp_2m", seed: int = SD_TEST_SEED, batch: int = 50):
+                   sampler: str = "dpmpp_2m", seed: int = SD_TEST_SEED, batch: int = 50,
+                   size: int | None = None):
     """Where the words of one-object prompts look, over a whole sampling run. Returns
     (images, maps (steps, N, tokens, h, w), figures): for the colour, shape, size and position
     words, the share of their attention (averaged over steps) inside the generated object
     ("inside_WORD") against the object's share of the image ("area"), and the attention
-    centroid of each position word ("centroid_POSITION": mean (x, y) in [0, 1])."""
+    centroid of each position word ("centroid_POSITION": mean (x, y) in [0, 1]). ``size``: the
+    resolution of the layers read (``record_word_maps``)."""
     from diffkit.eval.shapes_judge import foreground
     from diffkit.latent.attention_maps import centroid, mass_inside, record_word_maps, \
         word_positions
 
     g = torch.Generator(pipe.unet.device).manual_seed(seed)
     runs = [record_word_maps(pipe, scenes.captions[i:i + batch], steps=steps,
-                             guidance_scale=guidance_scale, sampler=sampler, generator=g)
+                             guidance_scale=guidance_scale, sampler=sampler, generator=g,
+                             size=size)
             for i in range(0, len(scenes), batch)]
     images = torch.cat([r[0].cpu() for r in runs])
     maps = torch.cat([r[1] for r in runs], 1)

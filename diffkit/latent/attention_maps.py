@@ -5,7 +5,7 @@ the prompt's tokens (the keys), so a token's map over the positions says where i
 that word is being read. ``record_word_maps`` runs diffkit's text-to-image loop with an
 :class:`~diffkit.latent.cross_attention.AttentionRecorder` installed and returns, for every
 sampler step, the maps of the conditional half of the guided batch, averaged over heads and
-over the cross-attention layers at the latent's own resolution (the tiny UNet has two there,
+over the cross-attention layers at the latent's own resolution (the tiny UNet has three there,
 SD 1.5 five at 64 x 64).
 """
 
@@ -33,10 +33,11 @@ def word_positions(tokenizer, prompt: str, word: str) -> list[int]:
 
 @torch.no_grad()
 def record_word_maps(pipe, prompts: list[str], *, steps: int, guidance_scale: float,
-                     sampler: str = "dpmpp_2m", generator=None):
+                     sampler: str = "dpmpp_2m", generator=None, size: int | None = None):
     """(images (B, 3, H, W) in [-1, 1], maps (steps, B, tokens, h, w)): the run's images and,
     per step, every token's attention over the h x w latent (each position's map over the
-    tokens sums to 1)."""
+    tokens sums to 1). ``size``: the side of the layers to average (default the latent's; the
+    lower resolutions of the UNet have their own layers, SD's middle block at 8 x 8)."""
     from diffkit.latent.sd import text_to_image
     from diffkit.latent.vae import downsampling_factor
 
@@ -50,7 +51,7 @@ def record_word_maps(pipe, prompts: list[str], *, steps: int, guidance_scale: fl
                                sampler=sampler, generator=generator)
     finally:
         unet.set_attn_processor(previous)
-    h = w = images.shape[-1] // downsampling_factor(pipe.vae)
+    h = w = size or images.shape[-1] // downsampling_factor(pipe.vae)
     full = [m for _, m in recorder.maps if m.shape[1] == h * w]
     if not full or len(full) % steps:
         raise ValueError(f"expected the same number of {h}x{w} cross-attention maps at each of "

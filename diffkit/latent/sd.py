@@ -31,6 +31,9 @@ PIPELINE_CLASSES = checkpoints.PIPELINE_CLASSES
 SAMPLERS = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral,
             "dpmpp_2m": sample_dpmpp_2m}
 TINY_SD = "shapes-sd"
+# the diffusers scheduler each diffkit sampler reproduces (what compare_with_pipeline accepts)
+SCHEDULER_SAMPLERS = {"EulerDiscreteScheduler": "euler", "DPMSolverMultistepScheduler": "dpmpp_2m",
+                      "EulerAncestralDiscreteScheduler": "euler_ancestral"}
 
 
 def load_pipeline(name_or_path: str | None = None, *, device=None, torch_dtype=None):
@@ -191,8 +194,7 @@ def compare_with_pipeline(pipe, prompts: list[str], *, steps: int, guidance_scal
     """(diffkit's images, the pipeline's, max abs difference in [0, 1] pixels) on the same
     prompts and seed, with the sampler that matches the pipeline's scheduler: the check that
     ``text_to_image`` is ``StableDiffusionPipeline.__call__`` on any SD model."""
-    names = {"EulerDiscreteScheduler": "euler", "DPMSolverMultistepScheduler": "dpmpp_2m",
-             "EulerAncestralDiscreteScheduler": "euler_ancestral"}
+    names = SCHEDULER_SAMPLERS
     scheduler = type(pipe.scheduler).__name__
     if scheduler not in names:
         raise ValueError(f"the pipeline's scheduler is {scheduler}; expected one of "
