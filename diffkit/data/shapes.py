@@ -11,6 +11,12 @@ Why these colours: the six palette colours are the fully saturated primaries and
 Each lies at the same distance sqrt(2/3) (in [0, 1] RGB) from the grey axis r = g = b, so every
 object stands out from every background brightness by its chroma alone, and the colours sit 60
 degrees apart in hue, which is what the judge classifies.
+
+Two concepts the base world never shows, for the fine-tuning chapters (11, 12): the colour
+orange (RGB 1, 0.5, 0: hue 30 degrees, between red and yellow, chroma sqrt(3)/2 of the
+palette's) and the shape ring (a hollow circle, inner radius RING_INNER of the outer). Scenes
+with them are drawn by passing ``colours`` / ``shapes`` vocabularies to ``make_shapes``; with
+the defaults the world is exactly the base one.
 """
 
 from __future__ import annotations
@@ -26,6 +32,11 @@ SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "yellow", "green", "cyan", "blue", "magenta")  # hue order, 60 degrees apart
 PALETTE = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 1.0, 0.0],
                         [0.0, 1.0, 1.0], [0.0, 0.0, 1.0], [1.0, 0.0, 1.0]])  # RGB in [0, 1]
+CONCEPT_COLOURS = ("orange",)
+CONCEPT_SHAPES = ("ring",)
+ALL_COLOURS, ALL_SHAPES = COLOURS + CONCEPT_COLOURS, SHAPES + CONCEPT_SHAPES
+RGB = dict(zip(ALL_COLOURS, torch.cat([PALETTE, torch.tensor([[1.0, 0.5, 0.0]])]).tolist()))
+RING_INNER = 0.55                        # inner radius of a ring / its outer radius
 SIZES = ("small", "large")
 POSITIONS = ("left", "right", "top", "bottom", "centre")
 IMAGE_SIZES = (32, 64)
@@ -93,7 +104,7 @@ def _rasterise(shape, half, centre, size):
     grid = (torch.arange(size, dtype=torch.float32) + 0.5) / size
     shape, half, centre = shape.reshape(-1), half.reshape(-1), centre.reshape(-1, 2)
     out = torch.zeros(len(shape), size, size, dtype=torch.bool)
-    for k in range(len(SHAPES)):  # each shape's test only on its own objects
+    for k in range(len(ALL_SHAPES)):  # each shape's test only on its own objects
         idx = (shape == k).nonzero().squeeze(1)
         u = grid.view(1, 1, -1) - centre[idx, 0, None, None]   # x offset, (M, 1, S)
         v = grid.view(1, -1, 1) - centre[idx, 1, None, None]   # y offset, (M, S, 1)
@@ -102,8 +113,11 @@ def _rasterise(shape, half, centre, size):
             out[idx] = u ** 2 + v ** 2 <= h ** 2
         elif k == 1:
             out[idx] = (u.abs() <= h) & (v.abs() <= h)
-        else:  # the half width grows linearly from 0 at the apex to h at the base
+        elif k == 2:  # the half width grows linearly from 0 at the apex to h at the base
             out[idx] = (v.abs() <= h) & (2 * u.abs() <= v + h)
+        else:         # the ring: a disc with a disc of RING_INNER times its radius removed
+            r2 = u ** 2 + v ** 2
+            out[idx] = (r2 <= h ** 2) & (r2 > (RING_INNER * h) ** 2)
     return out.view(*half_shape, size, size)
 
 
@@ -119,10 +133,11 @@ def _dilate(mask: torch.Tensor, r: int) -> torch.Tensor:
     return mask
 
 
-def _draw(n, g):
-    """Attributes (n, 2) of each slot (shape, colour, size, position) and centres (n, 2, 2)."""
-    shape = torch.randint(0, len(SHAPES), (n, 2), generator=g)
-    colour = torch.randint(0, len(COLOURS), (n, 2), generator=g)
+def _draw(n, g, shapes=SHAPES, colours=COLOURS):
+    """Attributes (n, 2) of each slot (shape and colour: indices into the given vocabularies,
+    size, position) and centres (n, 2, 2)."""
+    shape = torch.randint(0, len(shapes), (n, 2), generator=g)
+    colour = torch.randint(0, len(colours), (n, 2), generator=g)
     big = torch.randint(0, len(SIZES), (n, 2), generator=g)
     first = torch.randint(0, len(POSITIONS), (n,), generator=g)
     # the second object takes one of the four other positions
@@ -155,12 +170,22 @@ def caption(objects, template: int | list[int] | tuple[int, ...] = 0) -> str:
     return " and ".join(phrases)
 
 
+def _check_vocabulary(name: str, words, allowed) -> tuple[str, ...]:
+    words = (words,) if isinstance(words, str) else tuple(words)
+    if not words or len(set(words)) != len(words) or not set(words) <= set(allowed):
+        raise ValueError(f"{name} must be distinct words of {allowed}, got {words!r}")
+    return words
+
+
 def make_shapes(n: int, *, size: int = 32, seed: int = 0, objects=(1, 2),
-                caption_template: int | None = None) -> ShapesBatch:
+                caption_template: int | None = None, shapes=SHAPES,
+                colours=COLOURS) -> ShapesBatch:
     """n scenes of the captioned-shapes world, deterministic for a given seed.
 
     size: image side (32 or 64). objects: 1, 2 or a tuple of allowed counts, drawn uniformly.
     caption_template: None draws a template of TEMPLATES per object; an index fixes it.
+    shapes, colours: the vocabularies drawn from (uniformly), words of ALL_SHAPES / ALL_COLOURS;
+    e.g. ``colours=("orange",)`` for scenes of the new colour only.
     Attributes are uniform and independent, except that a pair of objects whose masks would come
     within 2 px (4 px at 64) of each other is redrawn: two large objects then mostly sit in
     opposite positions, so two-object scenes lean to small objects and opposite positions.
@@ -174,9 +199,13 @@ def make_shapes(n: int, *, size: int = 32, seed: int = 0, objects=(1, 2),
                                          or caption_template not in range(len(TEMPLATES))):
         raise ValueError(f"caption_template must be None or in [0, {len(TEMPLATES)}), "
                          f"got {caption_template!r}")
+    shapes = _check_vocabulary("shapes", shapes, ALL_SHAPES)
+    colours = _check_vocabulary("colours", colours, ALL_COLOURS)
     n, g = int(n), torch.Generator().manual_seed(int(seed))
     count_choice = torch.tensor(counts)[torch.randint(0, len(counts), (n,), generator=g)]
-    shape, colour, big, position, centre = _draw(n, g)
+    draw = lambda m: _draw(m, g, shapes, colours)   # noqa: E731
+    shape_ids = torch.tensor([ALL_SHAPES.index(w) for w in shapes])   # local -> global shape id
+    shape, colour, big, position, centre = draw(n)
     two = count_choice == 2
     gap = 2 * round(2 * size / 32) + 1  # dilation kernel: the masks must stay this far apart
     todo = two.clone()
@@ -185,25 +214,27 @@ def make_shapes(n: int, *, size: int = 32, seed: int = 0, objects=(1, 2),
             break
         idx = todo.nonzero().squeeze(1)
         if round_ > 0:
-            s, c, b, p, ce = _draw(len(idx), g)
+            s, c, b, p, ce = draw(len(idx))
             shape[idx], colour[idx], big[idx], position[idx], centre[idx] = s, c, b, p, ce
         half = torch.tensor(HALF_EXTENT)[big[idx]]
         # only pairs whose widened bounding boxes meet can touch: rasterise just those
         reach = half.sum(1) + (gap // 2 + 1) / size
         close = ((centre[idx, 0] - centre[idx, 1]).abs() < reach[:, None]).all(1)
         idx, half = idx[close], half[close]
-        m = _rasterise(shape[idx], half, centre[idx], size)
+        m = _rasterise(shape_ids[shape[idx]], half, centre[idx], size)
         todo[:] = False
         todo[idx] = (_dilate(m[:, 0], gap // 2) & m[:, 1]).flatten(1).any(1)
     else:
         raise RuntimeError("could not place two separated objects")  # pragma: no cover
-    masks = _rasterise(shape, torch.tensor(HALF_EXTENT)[big], centre, size)
+    masks = _rasterise(shape_ids[shape], torch.tensor(HALF_EXTENT)[big], centre, size)
     masks[:, 1] &= two[:, None, None]
     background = torch.rand(n, generator=g)
-    # paint through a per-image colour table: entry 0 the grey, 1 + k palette colour k
+    # paint through a per-image colour table: entry 0 the grey, 1 + k the k-th colour drawn from
     code = (colour + 1).to(torch.uint8)[:, :, None, None]
     paint = torch.where(masks[:, 0], code[:, 0], torch.where(masks[:, 1], code[:, 1], 0))
-    table = torch.cat([background.view(n, 1, 1).expand(n, 3, 1), PALETTE.t().expand(n, 3, 6)], 2)
+    rgb = torch.tensor([RGB[c] for c in colours]).t()
+    table = torch.cat([background.view(n, 1, 1).expand(n, 3, 1),
+                       rgb.expand(n, 3, len(colours))], 2)
     images = (table * 2 - 1).gather(2, paint.view(n, 1, -1).long().expand(n, 3, -1))
     images = images.view(n, 3, size, size)
     # edges: object pixels with a 4-neighbour outside their object (the inner boundary)
@@ -215,15 +246,15 @@ def make_shapes(n: int, *, size: int = 32, seed: int = 0, objects=(1, 2),
     rows = zip(shape.tolist(), colour.tolist(), big.tolist(), position.tolist(),
                count_choice.tolist(), templates)
     for s, c, b, p, k, t in rows:
-        scene = [ShapeObject(SHAPES[s[j]], COLOURS[c[j]], SIZES[b[j]], POSITIONS[p[j]])
+        scene = [ShapeObject(shapes[s[j]], colours[c[j]], SIZES[b[j]], POSITIONS[p[j]])
                  for j in range(k)]
         objs.append(scene)
         captions.append(caption(scene, t[:k] if caption_template is None else caption_template))
     return ShapesBatch(images, captions, objs, background, masks, edges)
 
 
-_WORD = {w: kind for kind, words in (("shape", SHAPES), ("colour", COLOURS), ("size", SIZES),
-                                      ("position", POSITIONS)) for w in words}
+_WORD = {w: kind for kind, words in (("shape", ALL_SHAPES), ("colour", ALL_COLOURS),
+                                      ("size", SIZES), ("position", POSITIONS)) for w in words}
 _SYNONYM = {"center": "centre", "middle": "centre", "big": "large", "little": "small"}
 
 

@@ -7,7 +7,9 @@ grey axis r = g = b (chroma above half the palette's), whatever the background b
 specks; (4) reads each part's shape from how deep its centre of mass sits in its bounding box
 (a triangle pointing up: 2/3 down, a circle or square: 1/2) and how it fills the box (circle
 pi/4, square 1), its size from the box side its area implies, and its position from the box
-centre. It scores text-to-image samples (tiny Stable Diffusion, ControlNet) against their
+centre. Given the concept vocabularies (``colours`` with orange, ``shapes`` with ring) it also
+reads the new colour (nearest hue among the vocabulary's) and the ring (a part with a hole
+inside it, or one filling its box much less than a disc). It scores text-to-image samples (tiny Stable Diffusion, ControlNet) against their
 prompts; ``caption_matches`` scores captions (BLIP) against the true objects.
 """
 
@@ -21,10 +23,14 @@ import torch
 from scipy import ndimage
 
 from diffkit.data.shapes import (
+    ALL_COLOURS,
+    ALL_SHAPES,
     COLOURS,
     HALF_EXTENT,
     POSITION_CENTRES,
     POSITIONS,
+    RGB,
+    RING_INNER,
     SHAPES,
     SIZES,
     ShapeObject,
@@ -32,7 +38,11 @@ from diffkit.data.shapes import (
     parse_caption,
 )
 
-_FILL = (math.pi / 4, 1.0, 0.5)                          # area / box, per shape
+_FILL = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5,      # area / box, per shape
+         "ring": math.pi / 4 * (1 - RING_INNER ** 2)}
+# a ring fills its box by 0.55 (a disc 0.79): between the two, and a hole of a few pixels
+_RING_FILL_SPLIT = (_FILL["circle"] + _FILL["ring"]) / 2
+_RING_HOLE_PIXELS = 3
 # side threshold between small and large: geometric mean of their box sides
 _SIDE_SPLIT = 2 * math.sqrt(HALF_EXTENT[0] * HALF_EXTENT[1])
 
@@ -51,17 +61,28 @@ _EIGHT[0] = _EIGHT[2] = False
 _CENTRES = POSITION_CENTRES.tolist()
 
 
-def _hue_and_chroma(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Palette index of nearest hue (N, S, S) and chroma relative to the palette's (N, S, S).
+def _angle(r, g, b):
+    # the chroma plane's coordinates (2r - g - b) / 2 and sqrt(3) (g - b) / 2 put red at 0
+    # degrees and the six palette colours 60 degrees apart, in the order of COLOURS
+    a, c = (2 * r - g - b) / 2, math.sqrt(3) / 2 * (g - b)
+    return np.arctan2(c, a), np.hypot(a, c)
 
-    The chroma plane's coordinates (2r - g - b) / 2 and sqrt(3) (g - b) / 2 put red at 0
-    degrees and the six palette colours 60 degrees apart, in the order of COLOURS.
-    """
+
+def _hue_and_chroma(images: torch.Tensor, colours=COLOURS) -> tuple[np.ndarray, np.ndarray]:
+    """Index into ``colours`` of the nearest hue (N, S, S) and chroma relative to the
+    palette's (N, S, S)."""
     _check_images(images)
     r, g, b = images.detach().float().cpu().numpy().transpose(1, 0, 2, 3)
-    a, c = (2 * r - g - b) / 2, math.sqrt(3) / 2 * (g - b)
-    hue = np.rint(np.arctan2(c, a) / (math.pi / 3)).astype(np.int64) % len(COLOURS)
-    return hue, np.hypot(a, c) / 2   # a palette colour in [-1, 1] has chroma 2 here -> 1
+    angle, chroma = _angle(r, g, b)
+    if tuple(colours) == COLOURS:        # the six palette hues: 60-degree bins
+        hue = np.rint(angle / (math.pi / 3)).astype(np.int64) % len(COLOURS)
+    else:
+        if not set(colours) <= set(ALL_COLOURS):
+            raise ValueError(f"colours must be words of {ALL_COLOURS}, got {colours!r}")
+        targets = np.array([_angle(*(2 * np.array(RGB[c]) - 1))[0] for c in colours])
+        gap = np.angle(np.exp(1j * (angle[..., None] - targets)))     # wrapped to (-pi, pi]
+        hue = np.abs(gap).argmin(-1)
+    return hue, chroma / 2   # a palette colour in [-1, 1] has chroma 2 here -> 1
 
 
 @torch.no_grad()
@@ -71,23 +92,29 @@ def foreground(images: torch.Tensor, *, chroma_threshold: float = 0.5) -> torch.
     return torch.from_numpy(_hue_and_chroma(images)[1] > chroma_threshold)
 
 
-def judge(images: torch.Tensor, *, min_area: float | None = None,
-          chroma_threshold: float = 0.5) -> list[list[ShapeObject]]:
+def judge(images: torch.Tensor, *, min_area: float | None = None, chroma_threshold: float = 0.5,
+          shapes=SHAPES, colours=COLOURS) -> list[list[ShapeObject]]:
     """Objects seen in images (N, 3, S, S) in [-1, 1]: one list of ShapeObject per image.
 
     min_area: fewest pixels an object may have (default: a third of the smallest true object,
     so noise specks are ignored); chroma_threshold: fraction of the palette's chroma from which a
     pixel counts as an object. At most four objects per image (the largest), in POSITIONS order.
+    shapes, colours: the vocabularies read (the base world's by default; add "ring" / "orange"
+    for the concepts of chapters 11 and 12).
     """
-    hue, chroma = _hue_and_chroma(images)
+    shapes, colours = tuple(shapes), tuple(colours)
+    if not set(shapes) <= set(ALL_SHAPES) or not {"circle", "square", "triangle"} <= set(shapes):
+        raise ValueError(f"shapes must hold the base shapes and words of {ALL_SHAPES}, "
+                         f"got {shapes!r}")
+    hue, chroma = _hue_and_chroma(images, colours)
     n, s, _ = hue.shape
     if min_area is None:
         min_area = 0.5 * (2 * HALF_EXTENT[0] * s) ** 2 / 3  # smallest true object: a small triangle
     fg = chroma > chroma_threshold
     blobs, count = ndimage.label(fg, structure=_EIGHT)
     # split each blob by colour, so touching objects of different colours come apart
-    key = np.where(fg, blobs * len(COLOURS) + hue + 1, 0)
-    used = np.zeros((count + 1) * len(COLOURS) + 1, dtype=np.int64)
+    key = np.where(fg, blobs * len(colours) + hue + 1, 0)
+    used = np.zeros((count + 1) * len(colours) + 1, dtype=np.int64)
     used[key.ravel()] = 1
     parts = (np.cumsum(used) - 1)[key]       # consecutive ids, 0 stays background
     area = np.bincount(parts.ravel())
@@ -102,15 +129,26 @@ def judge(images: torch.Tensor, *, min_area: float | None = None,
         (i, _), (y0, y1), (x0, x1) = [(b.start, b.stop) for b in box]
         h, w = y1 - y0, x1 - x0
         depth = (row_sum[k] / area[k] + 0.5 - y0) / h   # a triangle 2/3, a circle or square 1/2
-        shape = 2 if depth > 7 / 12 else 1 if area[k] / (h * w) > 0.95 else 0
+        fill = area[k] / (h * w)
+        if depth > 7 / 12:
+            shape = "triangle"
+        elif "ring" in shapes and (fill < _RING_FILL_SPLIT or _hole(parts[box] == k)):
+            shape = "ring"
+        else:
+            shape = "square" if fill > 0.95 else "circle"
         side = math.sqrt(area[k] / _FILL[shape]) / s   # the box side the area implies
         u, v = (x0 + x1) / 2 / s, (y0 + y1) / 2 / s
         position = min(range(len(POSITIONS)), key=lambda p: (_CENTRES[p][0] - u) ** 2
                        + (_CENTRES[p][1] - v) ** 2)
-        found[i].append((area[k], ShapeObject(SHAPES[shape], COLOURS[colour[k]],
+        found[i].append((area[k], ShapeObject(shape, colours[colour[k]],
                                               SIZES[side > _SIDE_SPLIT], POSITIONS[position])))
     return [sorted((o for _, o in sorted(f, key=lambda t: -t[0])[:4]),
                    key=lambda o: POSITIONS.index(o.position)) for f in found]
+
+
+def _hole(part: np.ndarray) -> bool:
+    """Whether a part's mask (1, h, w) encloses at least _RING_HOLE_PIXELS background pixels."""
+    return int(ndimage.binary_fill_holes(part[0]).sum() - part[0].sum()) >= _RING_HOLE_PIXELS
 
 
 def estimate_background(images: torch.Tensor, *, chroma_threshold: float = 0.5) -> torch.Tensor:
@@ -124,17 +162,19 @@ def estimate_background(images: torch.Tensor, *, chroma_threshold: float = 0.5) 
 ATTRIBUTES = ("shape", "colour", "size", "position")
 
 
-def judge_accuracy(batch: ShapesBatch, images: torch.Tensor | None = None) -> dict[str, float]:
+def judge_accuracy(batch: ShapesBatch, images: torch.Tensor | None = None, *, shapes=SHAPES,
+                   colours=COLOURS) -> dict[str, float]:
     """Agreement of judge(images) (default batch.images) with the batch's true objects.
 
     Judged and true objects are paired per image in the order that agrees best. Returns the
     fraction of true objects whose shape / colour / size / position is read right,
     "colour_shape" (both of those right), "object" (all four right), "count" (images with the right number of objects) and "image" (count and every
-    object right). Pass generated images to score a conditional generator against its prompts.
+    object right). Pass generated images to score a conditional generator against its prompts,
+    and the concept vocabularies (``judge``'s shapes / colours) to read orange and rings.
     """
     if not isinstance(batch, ShapesBatch):
         raise ValueError(f"batch must be a ShapesBatch, got {type(batch).__name__}")
-    seen = judge(batch.images if images is None else images)
+    seen = judge(batch.images if images is None else images, shapes=shapes, colours=colours)
     if len(seen) != len(batch.objects):
         raise ValueError(f"images hold {len(seen)} scenes but the batch {len(batch.objects)}")
     right = dict.fromkeys(ATTRIBUTES + ("colour_shape", "object"), 0)
