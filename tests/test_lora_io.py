@@ -84,3 +84,25 @@ def test_adapter_of_another_base_model_is_refused(pipe, tmp_path):
         lora_io.load_into(pipe, tmp_path, "none")
     with pytest.raises(ValueError, match="no attached update"):
         lora_io.save(copy.deepcopy(pipe.unet), tmp_path / "empty")
+
+
+def test_two_adapters_weights_fuse_unfuse_unload(pipe, tmp_path):
+    """diffusers' controls on two of our adapters (a LoRA and a LoCon) in one pipeline."""
+    first = trained_copy(pipe.unet, "lora", ATTENTION, seed=3)
+    second = trained_copy(pipe.unet, "lora", ATTENTION + CONVOLUTIONS, rank=4, seed=4)
+    base = unet_output(pipe.unet)
+    delta = {name: unet_output(m) - base for name, m in (("a", first), ("b", second))}
+    for name, model in (("a", first), ("b", second)):
+        lora_io.load_into(pipe, lora_io.save(model, tmp_path / name), name)
+    pipe.set_adapters(["a"], adapter_weights=[1.0])
+    assert float((unet_output(pipe.unet) - base - delta["a"]).abs().max()) <= 1e-5
+    pipe.set_adapters(["a", "b"], adapter_weights=[1.0, 1.0])
+    both = unet_output(pipe.unet)
+    assert float((both - base - delta["a"]).abs().max()) > 1e-3          # the second acts too
+    pipe.fuse_lora(adapter_names=["a", "b"])
+    assert float((unet_output(pipe.unet) - both).abs().max()) <= 1e-4    # fused = active
+    pipe.unfuse_lora()
+    pipe.set_adapters(["a", "b"], adapter_weights=[0.0, 0.0])
+    assert float((unet_output(pipe.unet) - base).abs().max()) <= 1e-5    # unfused: base again
+    pipe.unload_lora_weights()
+    assert float((unet_output(pipe.unet) - base).abs().max()) <= 1e-6
