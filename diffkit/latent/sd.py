@@ -125,13 +125,14 @@ def _timesteps(pipe, steps: int) -> list[int]:
     return [int(round(float(t))) for t in pipe.scheduler.timesteps]
 
 
-def _denoise(pipe, prompts, x, timesteps, guidance_scale, sampler, generator):
-    """Run a diffkit sampler from x (sigma units, at timesteps[0]) to sigma = 0 and decode."""
+def _denoise(pipe, prompts, x, timesteps, guidance_scale, sampler, generator, denoiser=None):
+    """Run a diffkit sampler from x (sigma units, at timesteps[0]) to sigma = 0 and decode;
+    ``denoiser``: D(x, sigma; encoder_hidden_states), default the pipeline's UNet."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
     cond = encode_prompt(pipe, prompts)
     uncond = encode_prompt(pipe, [""] * len(prompts))
-    denoiser = unet_denoiser(pipe)
+    denoiser = denoiser or unet_denoiser(pipe)
     guided = TextGuidance(denoiser, cond, uncond, guidance_scale)
     sigmas = denoiser.sigmas_for_timesteps(timesteps)
     x = x(sigmas[0])
@@ -143,11 +144,13 @@ def _denoise(pipe, prompts, x, timesteps, guidance_scale, sampler, generator):
 @torch.no_grad()
 def text_to_image(pipe, prompts: list[str], *, steps: int = 20, guidance_scale: float = 7.5,
                   sampler: str = "dpmpp_2m", height: int | None = None, width: int | None = None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, denoiser=None) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] for ``prompts``, with a diffkit sampler ("euler",
     "euler_ancestral" or "dpmpp_2m") on the timesteps the pipeline's scheduler would use (its
     spacing and offset).
-    The initial noise x_T ~ N(0, I) is drawn from ``generator`` as the pipeline draws it."""
+    The initial noise x_T ~ N(0, I) is drawn from ``generator`` as the pipeline draws it.
+    ``denoiser``: another D(x, sigma; encoder_hidden_states) on the scheduler's table (a UNet
+    with a ControlNet: :mod:`diffkit.latent.controlnet`); default the pipeline's UNet."""
     factor = downsampling_factor(pipe.vae)
     size = pipe.unet.config.sample_size * factor
     height, width = height or size, width or size
@@ -158,7 +161,8 @@ def text_to_image(pipe, prompts: list[str], *, steps: int = 20, guidance_scale: 
                      generator)
     # x_sigma = sqrt(1 + sigma^2) x_T: the pure-noise start in sigma units
     start = lambda sigma: x_T * (1 + sigma ** 2).sqrt().to(x_T.dtype)   # noqa: E731
-    return _denoise(pipe, prompts, start, timesteps, guidance_scale, sampler, generator)
+    return _denoise(pipe, prompts, start, timesteps, guidance_scale, sampler, generator,
+                    denoiser)
 
 
 @torch.no_grad()

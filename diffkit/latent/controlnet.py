@@ -1,0 +1,96 @@
+"""ControlNet on Stable Diffusion (Zhang et al. 2023): a trainable copy of the UNet's encoder
+whose outputs, through zero-initialised convolutions, are added to the frozen UNet's skips.
+
+``make_controlnet`` is diffusers' ``ControlNetModel.from_unet``: it copies the UNet's
+``conv_in``, time embedding, down blocks and middle block (weights included), adds a small conv
+net that encodes the condition image to the latent's size (its last convolution zero), and a
+1 x 1 convolution after every down-block output and after the middle block, all zero. So at
+initialisation every residual is zero and the pipeline's output equals the base SD's exactly.
+The zero convolutions do not block learning: for a residual r = W h + b with W = b = 0, the
+loss gradient with respect to W is (dL/dr) h^T, not zero because the copy's features h are not,
+while the gradient reaching the copy, W^T dL/dr, is zero. So the first step moves only the zero
+convolutions (and the condition encoder's zero output layer), and from the second step on the
+gradient flows into the copy as well (checked in the tests).
+
+``control_denoiser`` is the UNet with the ControlNet as one denoiser D(x, sigma; text) on the
+scheduler's table, so ``sd.text_to_image(..., denoiser=...)`` samples with it; the tests check
+that this equals ``StableDiffusionControlNetPipeline``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from diffkit.diffusion.denoisers import DiscreteTimeDenoiser
+from diffkit.latent.vae import downsampling_factor
+
+
+def make_controlnet(unet, vae, *, embedding_channels: tuple[int, ...] | None = None):
+    """``ControlNetModel.from_unet(unet)`` with a condition encoder that downsamples by the VAE's
+    factor (diffusers' default, x8, fails on a x4 VAE with a bare size error)."""
+    from diffusers import ControlNetModel
+
+    factor = downsampling_factor(vae)
+    levels = factor.bit_length()            # 2 ** (levels - 1) == factor
+    if 2 ** (levels - 1) != factor:
+        raise ValueError(f"the VAE factor {factor} is not a power of two")
+    channels = embedding_channels or tuple(8 * 2 ** i for i in range(levels))
+    if len(channels) != levels:
+        raise ValueError(f"embedding_channels needs {levels} entries to downsample by {factor}, "
+                         f"got {channels}")
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
+
+
+def zero_modules(controlnet) -> list[str]:
+    """Names of the ControlNet's modules whose weights and biases are all zero."""
+    return [name for name, m in controlnet.named_modules()
+            if list(m.parameters(recurse=False))
+            and all(bool((p == 0).all()) for p in m.parameters(recurse=False))]
+
+
+def check_condition(pipe, condition: torch.Tensor, height: int, width: int) -> None:
+    if (not isinstance(condition, torch.Tensor) or condition.ndim != 4 or condition.shape[1] != 3
+            or tuple(condition.shape[-2:]) != (height, width)):
+        got = tuple(condition.shape) if isinstance(condition, torch.Tensor) else type(condition)
+        raise ValueError(f"the condition must be images (B, 3, {height}, {width}) in [0, 1], "
+                         f"got {got}")
+
+
+def control_denoiser(pipe, controlnet, condition: torch.Tensor, *,
+                     scale: float = 1.0) -> DiscreteTimeDenoiser:
+    """D(x, sigma; encoder_hidden_states) of ``pipe.unet`` with ``controlnet``'s residuals for
+    ``condition`` (B, 3, H, W) in [0, 1] (as the pipeline takes it, not normalised), weighted
+    by ``scale`` (the pipeline's ``controlnet_conditioning_scale``). A guided batch (unconditional
+    and conditional halves) gets the condition once per half, as in the pipeline."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or scale < 0:
+        raise ValueError(f"the conditioning scale must be a non-negative number, got {scale!r}")
+    size = pipe.unet.config.sample_size * downsampling_factor(pipe.vae)
+    check_condition(pipe, condition, size, size)
+    condition = condition.to(pipe.unet.device, pipe.unet.dtype)
+
+    def model(x_t, t, encoder_hidden_states):
+        repeated = condition.repeat(len(x_t) // len(condition), 1, 1, 1)
+        down, middle = controlnet(x_t, t, encoder_hidden_states=encoder_hidden_states,
+                                  controlnet_cond=repeated, conditioning_scale=float(scale),
+                                  return_dict=False)
+        return pipe.unet(x_t, t, encoder_hidden_states=encoder_hidden_states,
+                         down_block_additional_residuals=down,
+                         mid_block_additional_residual=middle).sample
+
+    return DiscreteTimeDenoiser(model, pipe.scheduler.alphas_cumprod,
+                                prediction=pipe.scheduler.config.get("prediction_type",
+                                                                     "epsilon"))
+
+
+def controlnet_pipeline(pipe, controlnet):
+    """A ``StableDiffusionControlNetPipeline`` of ``pipe``'s parts and ``controlnet``."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    out = StableDiffusionControlNetPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+        controlnet=controlnet, scheduler=pipe.scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    out.set_progress_bar_config(disable=True)
+    return out

@@ -1,0 +1,117 @@
+"""diffkit.latent.controlnet: from_unet's copy and zero convolutions, the identity at
+initialisation, the first steps' gradients, and the sampling loop against diffusers' pipeline."""
+
+import copy
+
+import pytest
+import torch
+
+from diffkit.latent import controlnet as C
+from diffkit.latent import sd, tiny_sd
+
+PROMPTS = ["a large red circle on the left", "a small blue square at the top"]
+
+
+@pytest.fixture(scope="module")
+def parts(untrained_tiny_sd):
+    shared = untrained_tiny_sd                # its modules; a pipeline of our own (schedulers)
+    pipe = tiny_sd.build_pipeline(shared.vae, shared.text_encoder, shared.tokenizer, shared.unet)
+    pipe.set_progress_bar_config(disable=True)
+    torch.manual_seed(0)
+    return pipe, C.make_controlnet(pipe.unet, pipe.vae)
+
+
+def condition(n=2, size=32, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def randomised(controlnet, seed=1):
+    live = copy.deepcopy(controlnet)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in C.zero_modules(controlnet):
+            for p in live.get_submodule(name).parameters(recurse=False):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return live
+
+
+def test_from_unet_copies_the_encoder_and_zeroes_every_output(parts):
+    pipe, net = parts
+    zeros = C.zero_modules(net)
+    assert "controlnet_mid_block" in zeros and "controlnet_cond_embedding.conv_out" in zeros
+    assert sum(z.startswith("controlnet_down_blocks.") for z in zeros) == len(
+        net.controlnet_down_blocks)
+    for name, value in pipe.unet.down_blocks.state_dict().items():   # the copy, weights included
+        assert torch.equal(value, net.down_blocks.state_dict()[name])
+    assert torch.equal(pipe.unet.conv_in.weight, net.conv_in.weight)
+    with pytest.raises(ValueError, match="needs 3 entries"):
+        C.make_controlnet(pipe.unet, pipe.vae, embedding_channels=(8, 16))
+
+
+@pytest.mark.parametrize("scheduler", ["dpmpp_2m", "euler"])
+def test_at_initialisation_the_output_is_the_base_models(parts, scheduler):
+    pipe, net = parts
+    pipe.scheduler = tiny_sd.make_scheduler(scheduler)
+    base = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, output_type="pt",
+                generator=torch.Generator().manual_seed(0)).images
+    with_control = C.controlnet_pipeline(pipe, net)(
+        PROMPTS, image=condition(), num_inference_steps=4, guidance_scale=3.0, output_type="pt",
+        generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(base, with_control)
+    ours = sd.text_to_image(pipe, PROMPTS, steps=4, guidance_scale=3.0, sampler=scheduler,
+                            generator=torch.Generator().manual_seed(0),
+                            denoiser=C.control_denoiser(pipe, net, condition()))
+    plain = sd.text_to_image(pipe, PROMPTS, steps=4, guidance_scale=3.0, sampler=scheduler,
+                             generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ours, plain)
+
+
+@pytest.mark.parametrize("scheduler,scale,guidance", [("dpmpp_2m", 0.7, 3.0), ("euler", 1.0, 1.0),
+                                                      ("euler_ancestral", 1.5, 4.0)])
+def test_the_diffkit_loop_equals_the_controlnet_pipeline(parts, scheduler, scale, guidance):
+    pipe, net = parts
+    live = randomised(net)
+    pipe.scheduler = tiny_sd.make_scheduler(scheduler)
+    theirs = C.controlnet_pipeline(pipe, live)(
+        PROMPTS, image=condition(), num_inference_steps=5, guidance_scale=guidance,
+        controlnet_conditioning_scale=scale, output_type="pt",
+        generator=torch.Generator().manual_seed(0)).images * 2 - 1
+    ours = sd.text_to_image(pipe, PROMPTS, steps=5, guidance_scale=guidance, sampler=scheduler,
+                            generator=torch.Generator().manual_seed(0),
+                            denoiser=C.control_denoiser(pipe, live, condition(), scale=scale))
+    plain = sd.text_to_image(pipe, PROMPTS, steps=5, guidance_scale=guidance, sampler=scheduler,
+                             generator=torch.Generator().manual_seed(0))
+    assert float(((ours - theirs) / 2).abs().max()) <= 1e-4
+    assert float((ours - plain).abs().max()) > 1e-2               # the control acts
+
+
+def test_zero_convolutions_learn_first_then_the_copy(parts):
+    pipe, net = parts
+    net = copy.deepcopy(net).train()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    text = sd.encode_prompt(pipe, PROMPTS)
+    optimiser = torch.optim.SGD(net.parameters(), lr=0.1)
+    copy_weight = net.down_blocks[0].resnets[0].conv1.weight
+    zero_weight = net.controlnet_down_blocks[0].weight
+    for step in range(2):
+        optimiser.zero_grad()
+        down, middle = net(x, 500, encoder_hidden_states=text, controlnet_cond=condition(),
+                           return_dict=False)
+        loss = sum((r ** 2).sum() for r in down) + (middle ** 2).sum() + sum(r.sum() for r in down)
+        loss.backward()
+        if step == 0:
+            assert zero_weight.grad.abs().max() > 0            # (dL/dr) h^T: h is not zero
+            assert copy_weight.grad is None or copy_weight.grad.abs().max() == 0   # W^T dL/dr = 0
+        else:
+            assert copy_weight.grad.abs().max() > 0            # after one step it flows through
+        optimiser.step()
+
+
+def test_bad_conditions(parts):
+    pipe, net = parts
+    with pytest.raises(ValueError, match=r"images \(B, 3, 32, 32\)"):
+        C.control_denoiser(pipe, net, condition(size=64))
+    with pytest.raises(ValueError, match=r"images \(B, 3, 32, 32\)"):
+        C.control_denoiser(pipe, net, condition()[:, :1])
+    with pytest.raises(ValueError, match="non-negative"):
+        C.control_denoiser(pipe, net, condition(), scale=-1.0)
