@@ -133,12 +133,17 @@ def _dilate(mask: torch.Tensor, r: int) -> torch.Tensor:
     return mask
 
 
-def _draw(n, g, shapes=SHAPES, colours=COLOURS):
+def _draw(n, g, shapes=SHAPES, colours=COLOURS, anywhere=False):
     """Attributes (n, 2) of each slot (shape and colour: indices into the given vocabularies,
     size, position) and centres (n, 2, 2)."""
     shape = torch.randint(0, len(shapes), (n, 2), generator=g)
     colour = torch.randint(0, len(colours), (n, 2), generator=g)
     big = torch.randint(0, len(SIZES), (n, 2), generator=g)
+    if anywhere:   # uniform over the places where the object fits; named by the nearest centre
+        half = torch.tensor(HALF_EXTENT)[big][..., None]
+        centre = half + torch.rand(n, 2, 2, generator=g) * (1 - 2 * half)
+        position = ((centre[:, :, None] - POSITION_CENTRES) ** 2).sum(-1).argmin(-1)
+        return shape, colour, big, position, centre
     first = torch.randint(0, len(POSITIONS), (n,), generator=g)
     # the second object takes one of the four other positions
     second = (first + torch.randint(1, len(POSITIONS), (n,), generator=g)) % len(POSITIONS)
@@ -179,13 +184,15 @@ def _check_vocabulary(name: str, words, allowed) -> tuple[str, ...]:
 
 def make_shapes(n: int, *, size: int = 32, seed: int = 0, objects=(1, 2),
                 caption_template: int | None = None, shapes=SHAPES,
-                colours=COLOURS) -> ShapesBatch:
+                colours=COLOURS, anywhere: bool = False) -> ShapesBatch:
     """n scenes of the captioned-shapes world, deterministic for a given seed.
 
     size: image side (32 or 64). objects: 1, 2 or a tuple of allowed counts, drawn uniformly.
     caption_template: None draws a template of TEMPLATES per object; an index fixes it.
     shapes, colours: the vocabularies drawn from (uniformly), words of ALL_SHAPES / ALL_COLOURS;
-    e.g. ``colours=("orange",)`` for scenes of the new colour only.
+    e.g. ``colours=("orange",)`` for scenes of the new colour only. anywhere: centres uniform
+    over the frame (where the object fits) instead of the five named places, each object's
+    position word the nearest named place (ControlNet's data: the layout the caption cannot say).
     Attributes are uniform and independent, except that a pair of objects whose masks would come
     within 2 px (4 px at 64) of each other is redrawn: two large objects then mostly sit in
     opposite positions, so two-object scenes lean to small objects and opposite positions.
@@ -203,7 +210,7 @@ def make_shapes(n: int, *, size: int = 32, seed: int = 0, objects=(1, 2),
     colours = _check_vocabulary("colours", colours, ALL_COLOURS)
     n, g = int(n), torch.Generator().manual_seed(int(seed))
     count_choice = torch.tensor(counts)[torch.randint(0, len(counts), (n,), generator=g)]
-    draw = lambda m: _draw(m, g, shapes, colours)   # noqa: E731
+    draw = lambda m: _draw(m, g, shapes, colours, bool(anywhere))   # noqa: E731
     shape_ids = torch.tensor([ALL_SHAPES.index(w) for w in shapes])   # local -> global shape id
     shape, colour, big, position, centre = draw(n)
     two = count_choice == 2
