@@ -115,3 +115,32 @@ def test_bad_conditions(parts):
         C.control_denoiser(pipe, net, condition()[:, :1])
     with pytest.raises(ValueError, match="non-negative"):
         C.control_denoiser(pipe, net, condition(), scale=-1.0)
+
+
+def test_controlnet_loss_trains_the_copy_only(parts):
+    from diffkit.data.shapes import make_shapes
+    from diffkit.train import train
+
+    pipe, net = parts
+    unet = copy.deepcopy(pipe.unet)
+    scenes = make_shapes(16, seed=5, anywhere=True)
+    latents, states = tiny_sd.encode_pool(pipe.vae, pipe.text_encoder, pipe.tokenizer,
+                                          scenes.images, scenes.captions,
+                                          generator=torch.Generator().manual_seed(0))
+    control = C.conditions(scenes, "edges")
+    assert control.shape == (16, 3, 32, 32) and set(control.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(C.conditions(scenes, "masks")[:, 0], scenes.masks.any(1).float())
+    empty = tiny_sd.text_states(pipe.text_encoder, pipe.tokenizer, [""])
+    loss = C.ControlNetLoss(unet, pipe.scheduler.alphas_cumprod, empty)
+    frozen = {k: v.clone() for k, v in unet.state_dict().items()}
+    result = train(copy.deepcopy(net), loss, (latents, states, control), steps=4, batch_size=8,
+                   warmup=1, progress=False)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    for key, value in unet.state_dict().items():                  # the UNet stays frozen
+        assert torch.equal(value, frozen[key])
+    moved = [n for n in C.zero_modules(net) if n not in C.zero_modules(result.model)]
+    assert moved                                                   # the zero convs learned
+    with pytest.raises(ValueError, match="control images must be"):
+        loss(net, (latents, states, control[:, :1]))
+    with pytest.raises(ValueError, match="kind must be"):
+        C.conditions(scenes, "depth")

@@ -94,3 +94,48 @@ def controlnet_pipeline(pipe, controlnet):
         feature_extractor=None, requires_safety_checker=False)
     out.set_progress_bar_config(disable=True)
     return out
+
+
+def conditions(scenes, kind: str = "edges") -> torch.Tensor:
+    """The control images (N, 3, S, S) in [0, 1] of shapes scenes: their objects' inner edges
+    ("edges") or their masks ("masks"), white on black in all three channels."""
+    if kind == "edges":
+        single = scenes.edges
+    elif kind == "masks":
+        single = scenes.masks.any(1, keepdim=True).float()
+    else:
+        raise ValueError(f"kind must be 'edges' or 'masks', got {kind!r}")
+    return single.expand(-1, 3, -1, -1).contiguous()
+
+
+class ControlNetLoss:
+    """SD's training loss with the ControlNet's residuals added to a frozen UNet: what trains a
+    ControlNet (Zhang et al. 2023, eq. 2). ``batch``: scaled latents (B, C, h, w), text states
+    (B, L, D) and control images (B, 3, H, W) in [0, 1]. The noise, timesteps and caption dropout
+    are :class:`diffkit.latent.tiny_sd.LatentDiffusionLoss`'s (the paper drops half of the
+    prompts, so the ControlNet learns to read the condition alone). Freezes ``unet``."""
+
+    def __init__(self, unet, alphas_cumprod, empty, *, caption_dropout: float = 0.5,
+                 target: str = "epsilon"):
+        from diffkit.latent.tiny_sd import LatentDiffusionLoss
+
+        self.unet = unet.requires_grad_(False)
+        self.loss = LatentDiffusionLoss(alphas_cumprod, empty, caption_dropout=caption_dropout,
+                                        target=target)
+
+    def __call__(self, controlnet, batch, generator=None) -> torch.Tensor:
+        from types import SimpleNamespace
+
+        latents, states, control = batch
+        if control.ndim != 4 or control.shape[1] != 3 or len(control) != len(latents):
+            raise ValueError(f"control images must be (B, 3, H, W) for {len(latents)} latents, "
+                             f"got {tuple(control.shape)}")
+
+        def model(z_t, t, encoder_hidden_states):
+            down, middle = controlnet(z_t, t, encoder_hidden_states=encoder_hidden_states,
+                                      controlnet_cond=control, return_dict=False)
+            return SimpleNamespace(sample=self.unet(
+                z_t, t, encoder_hidden_states=encoder_hidden_states,
+                down_block_additional_residuals=down, mid_block_additional_residual=middle).sample)
+
+        return self.loss(model, (latents, states), generator)
