@@ -16,8 +16,8 @@ import copy
 import torch
 
 from diffkit.adapters import lora
-from diffkit.data.shapes import ALL_COLOURS, ALL_SHAPES, COLOURS, SHAPES, make_shapes
-from diffkit.latent import tiny_sd
+from diffkit.data.shapes import ALL_COLOURS, ALL_SHAPES, make_shapes
+from diffkit.latent import sd, tiny_sd
 from diffkit.train import train
 
 CONCEPTS = {"orange": dict(colours=("orange",)), "ring": dict(shapes=("ring",))}
@@ -38,15 +38,11 @@ def concept_vocabulary() -> dict:
     return dict(shapes=ALL_SHAPES, colours=ALL_COLOURS)
 
 
-def base_vocabulary() -> dict:
-    return dict(shapes=SHAPES, colours=COLOURS)
-
-
 def present_targets(unet, targets) -> list[str]:
     """The names of ``targets`` that some module of ``unet`` has (LoCon's conv_shortcut exists
     only where a block changes width)."""
     names = [n for n, _ in unet.named_modules()]
-    return [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
+    return [t for t in targets if any(lora.matches(n, t) for n in names)]
 
 
 def train_adapter(pipe, images: torch.Tensor, captions: list[str], *, kind: str = "lora",
@@ -54,8 +50,8 @@ def train_adapter(pipe, images: torch.Tensor, captions: list[str], *, kind: str 
                   batch_size: int = 64, lr: float = 1e-3, caption_dropout: float = 0.1,
                   seed: int = 0, device=None, progress: bool = False, state_path=None):
     """Train a ``kind`` adapter of rank ``rank`` on ``targets`` of a copy of ``pipe.unet`` on the
-    scenes (images (N, 3, H, W) in [-1, 1] and captions). Returns (the adapted UNet, the EMA of
-    its factors, trained result from ``diffkit.train.train``); ``pipe`` is left unchanged."""
+    scenes (images (N, 3, H, W) in [-1, 1] and captions). Returns (the EMA of the adapted UNet,
+    the ``diffkit.train.train`` result); ``pipe`` is left unchanged."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     device = device or pipe.unet.device
@@ -68,8 +64,7 @@ def train_adapter(pipe, images: torch.Tensor, captions: list[str], *, kind: str 
     lora.attach(unet, present_targets(unet, targets), kind=kind, rank=rank, alpha=alpha)
     loss = tiny_sd.LatentDiffusionLoss(pipe.scheduler.alphas_cumprod, empty,
                                        caption_dropout=caption_dropout,
-                                       target=pipe.scheduler.config.get("prediction_type",
-                                                                        "epsilon"))
+                                       target=sd.prediction_type(pipe))
     result = train(unet, loss, (latents.cpu(), states.cpu()), steps=steps, batch_size=batch_size,
                    lr=lr, warmup=min(50, steps // 10 + 1), seed=seed, device=device,
                    state_path=state_path, progress=progress)

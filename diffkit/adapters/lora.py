@@ -100,7 +100,8 @@ class LowRankUpdate(nn.Module):
         return weight + self.multiplier * self.delta().to(weight.dtype)
 
 
-def _matches(name: str, target: str) -> bool:
+def matches(name: str, target: str) -> bool:
+    """peft's ``target_modules`` rule: the module's name is, or ends with ".", the target."""
     return name == target or name.endswith("." + target)
 
 
@@ -120,8 +121,8 @@ def attach(model: nn.Module, targets: list[str], *, kind: str = "lora", rank: in
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or alpha <= 0:
         raise ValueError(f"alpha must be a positive number, got {alpha!r}")
     chosen = {name: m for name, m in model.named_modules()
-              if name and any(_matches(name, t) for t in targets)}
-    missing = [t for t in targets if not any(_matches(name, t) for name in chosen)]
+              if name and any(matches(name, t) for t in targets)}
+    missing = [t for t in targets if not any(matches(name, t) for name in chosen)]
     if missing:
         raise ValueError(f"no module of the model is named {missing}; expected names such as "
                          f"{[n for n, _ in model.named_modules() if n][:5]}")

@@ -76,11 +76,15 @@ def save(unet, folder) -> Path:
     return _replace_folder(Path(folder), write)
 
 
-def read_meta(folder) -> dict:
+def read_meta(folder, unet=None) -> dict:
+    """The adapter's ``describe`` record, checked to fit ``unet`` when one is given."""
     path = Path(folder) / META_FILE
     if not path.exists():
         raise ValueError(f"{folder} holds no {META_FILE}: not an adapter saved by lora_io.save")
-    return json.loads(path.read_text())
+    meta = json.loads(path.read_text())
+    if unet is not None:
+        check_fits(unet, meta)
+    return meta
 
 
 def check_fits(unet, meta: dict) -> None:
@@ -104,9 +108,7 @@ def load_into(pipe, folder, adapter_name: str) -> dict:
     own call for LoRA / LoCon and peft's for LoHa. Returns the adapter's record."""
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
-    meta = read_meta(folder)
-    check_fits(pipe.unet, meta)
-    folder = Path(folder)
+    meta, folder = read_meta(folder, pipe.unet), Path(folder)
     if meta["kind"] == "lora":
         pipe.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name=adapter_name)
     else:
@@ -121,9 +123,7 @@ def load_into(pipe, folder, adapter_name: str) -> dict:
 
 def load_attached(unet, folder) -> dict:
     """Attach diffkit's own updates to ``unet`` and fill them from a saved adapter."""
-    meta = read_meta(folder)
-    check_fits(unet, meta)
-    folder = Path(folder)
+    meta, folder = read_meta(folder, unet), Path(folder)
     if meta["kind"] == "lora":
         state = {k.removeprefix("unet."): v for k, v in load_file(str(folder / LORA_FILE)).items()}
     else:

@@ -135,6 +135,7 @@ def per_image(scenes: ShapesBatch, images: torch.Tensor, key: str = "colour_shap
     image alone (N,): the per-prompt outcomes that a paired comparison of two settings needs."""
     if len(images) != len(scenes):
         raise ValueError(f"{len(images)} images for {len(scenes)} scenes")
+
     def score(i):
         one, image = subset(scenes, [i]), images[i:i + 1]
         figures = judge_accuracy(one, image)

@@ -9,8 +9,9 @@ specks; (4) reads each part's shape from how deep its centre of mass sits in its
 pi/4, square 1), its size from the box side its area implies, and its position from the box
 centre. Given the concept vocabularies (``colours`` with orange, ``shapes`` with ring) it also
 reads the new colour (nearest hue among the vocabulary's) and the ring (a part with a hole
-inside it, or one filling its box much less than a disc). It scores text-to-image samples (tiny Stable Diffusion, ControlNet) against their
-prompts; ``caption_matches`` scores captions (BLIP) against the true objects.
+inside it, or one filling its box much less than a disc). It scores text-to-image samples
+(tiny Stable Diffusion, ControlNet) against their prompts; ``caption_matches`` scores
+captions (BLIP) against the true objects.
 """
 
 from __future__ import annotations

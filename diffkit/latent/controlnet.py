@@ -24,6 +24,7 @@ import numbers
 import torch
 
 from diffkit.diffusion.denoisers import DiscreteTimeDenoiser
+from diffkit.latent.sd import unet_denoiser
 from diffkit.latent.vae import downsampling_factor
 
 
@@ -50,7 +51,7 @@ def zero_modules(controlnet) -> list[str]:
             and all(bool((p == 0).all()) for p in m.parameters(recurse=False))]
 
 
-def check_condition(pipe, condition: torch.Tensor, height: int, width: int) -> None:
+def _check_condition(condition: torch.Tensor, height: int, width: int) -> None:
     if (not isinstance(condition, torch.Tensor) or condition.ndim != 4 or condition.shape[1] != 3
             or tuple(condition.shape[-2:]) != (height, width)):
         got = tuple(condition.shape) if isinstance(condition, torch.Tensor) else type(condition)
@@ -67,7 +68,7 @@ def control_denoiser(pipe, controlnet, condition: torch.Tensor, *,
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or scale < 0:
         raise ValueError(f"the conditioning scale must be a non-negative number, got {scale!r}")
     size = pipe.unet.config.sample_size * downsampling_factor(pipe.vae)
-    check_condition(pipe, condition, size, size)
+    _check_condition(condition, size, size)
     condition = condition.to(pipe.unet.device, pipe.unet.dtype)
 
     def model(x_t, t, encoder_hidden_states):
@@ -79,9 +80,7 @@ def control_denoiser(pipe, controlnet, condition: torch.Tensor, *,
                          down_block_additional_residuals=down,
                          mid_block_additional_residual=middle).sample
 
-    return DiscreteTimeDenoiser(model, pipe.scheduler.alphas_cumprod,
-                                prediction=pipe.scheduler.config.get("prediction_type",
-                                                                     "epsilon"))
+    return unet_denoiser(pipe, model)
 
 
 def controlnet_pipeline(pipe, controlnet):

@@ -98,14 +98,19 @@ class TextGuidance:
         return uncond + self.scale * (cond - uncond)
 
 
-def unet_denoiser(pipe) -> DiscreteTimeDenoiser:
-    """The pipeline's UNet as D(x, sigma; encoder_hidden_states), on its scheduler's table."""
-    def model(x_t, t, encoder_hidden_states):
+def prediction_type(pipe) -> str:
+    """What the pipeline's UNet predicts: "epsilon", "v_prediction" or "sample"."""
+    return pipe.scheduler.config.get("prediction_type", "epsilon")
+
+
+def unet_denoiser(pipe, model=None) -> DiscreteTimeDenoiser:
+    """The pipeline's UNet, or ``model(x_t, t, encoder_hidden_states)`` in its place (a UNet
+    with a ControlNet), as D(x, sigma; encoder_hidden_states) on the scheduler's table."""
+    def unet(x_t, t, encoder_hidden_states):
         return pipe.unet(x_t, t, encoder_hidden_states=encoder_hidden_states).sample
 
-    scheduler = pipe.scheduler.config
-    return DiscreteTimeDenoiser(model, pipe.scheduler.alphas_cumprod,
-                                prediction=scheduler.get("prediction_type", "epsilon"))
+    return DiscreteTimeDenoiser(model or unet, pipe.scheduler.alphas_cumprod,
+                                prediction=prediction_type(pipe))
 
 
 def _check_size(pipe, height: int, width: int) -> None:
