@@ -3,14 +3,14 @@
 Speed is measured here, never asserted in tests. Each comparison runs its baseline in the same
 process, on the same model and inputs, and is reported as a ratio, so the figure means the same
 on a laptop and on CI. Names: ``train-throughput`` (every recipe's steps per second and projected
-training time on this machine),
-``ddpm-sampling`` (the 1000-step ancestral loop with ``ddpm.p_step`` vs diffusers'
-``DDPMScheduler`` loop on the same network) and ``samplers`` (Euler, Euler-ancestral, Heun,
-DPM-Solver++(2M) and DDIM at equal NFE vs diffusers' scheduler loops) and ``latent`` (one
-training step of the same UNet on 3 x 32 x 32 pixels vs 4 x 8 x 8 latents: time, FLOPs and
-activation memory, pixel over latent) and ``sd`` (images per second of the tiny Stable
+training time on this machine), ``ddpm-sampling`` (the 1000-step ancestral loop with
+``ddpm.p_step`` vs diffusers' ``DDPMScheduler`` loop on the same network), ``samplers`` (Euler,
+Euler-ancestral, Heun, DPM-Solver++(2M) and DDIM at equal NFE vs diffusers' scheduler loops),
+``latent`` (one training step of the same UNet on 3 x 32 x 32 pixels vs 4 x 8 x 8 latents: time,
+FLOPs and activation memory, pixel over latent), ``sd`` (images per second of the tiny Stable
 Diffusion, and diffkit's text-to-image loop vs ``StableDiffusionPipeline.__call__`` on the same
-model, prompts, steps and batch).
+model, prompts, steps and batch) and ``control`` (``shapes-controlnet`` and ``shapes-t2i-adapter``
+against prompt-only sampling, as time ratios).
 """
 
 from __future__ import annotations
@@ -122,8 +122,8 @@ def ddpm_sampling(device: torch.device, quick: bool) -> dict:
 
         repeats = 1 if (model_name == "unet" and not quick) else 3
         a, b = timed(ours, repeats), timed(theirs, repeats)
-        out[model_name] = {"diffkit_seconds": a, "diffusers_seconds": b, "ratio_diffkit_over_diffusers": a / b,
-                           "batch": batch, "steps": T}
+        out[model_name] = {"diffkit_seconds": a, "diffusers_seconds": b, "batch": batch,
+                           "ratio_diffkit_over_diffusers": a / b, "steps": T}
     return out
 
 
@@ -259,6 +259,17 @@ def sd(device: torch.device, quick: bool) -> dict:
                           "diffkit_images_per_second": batch / t_ours,
                           "pipeline_images_per_second": batch / t_theirs,
                           "pipeline_over_diffkit_time": t_theirs / t_ours}}
+
+
+@bench
+def control(device: torch.device, quick: bool) -> dict:
+    """Sampling cost of chapter 13's control models against prompt-only generation."""
+    from diffkit.eval.control_probes import CONTROL_CHECKPOINTS, sampling_cost
+    from diffkit.recipes.control import SAMPLING, base_pipeline
+
+    models = {n: checkpoints.load_model(n, device=device)[0] for n in CONTROL_CHECKPOINTS}
+    return sampling_cost(base_pipeline(device), models, batch=4 if quick else 100,
+                         repeats=1 if quick else 3, timer=timed, **SAMPLING)
 
 
 def main(argv=None) -> int:

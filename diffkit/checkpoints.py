@@ -191,7 +191,7 @@ LEGACY_CLASS_HOMES = {"MLPDenoiser": "diffkit.nn.mlp", "UNet": "diffkit.nn.unet"
 
 
 # the diffusers classes a card may name (from_pretrained on the checkpoint's folder)
-DIFFUSERS_CLASSES = ("AutoencoderKL", "UNet2DConditionModel", "ControlNetModel")
+DIFFUSERS_CLASSES = ("AutoencoderKL", "UNet2DConditionModel", "ControlNetModel", "T2IAdapter")
 # whole pipelines (a model_index.json folder of components) a card may name
 PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 

@@ -144,3 +144,75 @@ def test_controlnet_loss_trains_the_copy_only(parts):
         loss(net, (latents, states, control[:, :1]))
     with pytest.raises(ValueError, match="kind must be"):
         C.conditions(scenes, "depth")
+
+
+@pytest.fixture(scope="module")
+def adapter(parts):
+    pipe, _ = parts
+    torch.manual_seed(0)
+    return C.make_t2i_adapter(pipe.unet, pipe.vae)
+
+
+def test_the_t2i_adapter_matches_the_unets_blocks(parts, adapter):
+    pipe, _ = parts
+    features = adapter(condition())
+    # one feature per down block, its width and resolution (latent 8 x 8, then 4 x 4)
+    assert [tuple(f.shape[1:]) for f in features] == [(32, 8, 8), (64, 4, 4)]
+    adapter_size = sum(p.numel() for p in adapter.parameters())
+    copy_size = sum(p.numel() for p in parts[1].parameters())
+    assert adapter_size < copy_size / 2                          # no copy of the encoder
+    assert not any(isinstance(m, torch.nn.Linear) for m in adapter.modules())   # no text, no t
+
+
+@pytest.mark.parametrize("scheduler,scale,guidance", [("dpmpp_2m", 0.8, 3.0),
+                                                      ("euler", 1.0, 1.0)])
+def test_the_diffkit_loop_equals_the_adapter_pipeline(parts, adapter, scheduler, scale, guidance):
+    pipe, _ = parts
+    pipe.scheduler = tiny_sd.make_scheduler(scheduler)
+    run = dict(steps=5, guidance_scale=guidance, sampler=scheduler)
+    # this pipeline decodes the old way: output_type "np" gives (B, H, W, 3) in [0, 1]
+    theirs = C.adapter_pipeline(pipe, adapter)(
+        PROMPTS, image=condition(), num_inference_steps=5, guidance_scale=guidance,
+        adapter_conditioning_scale=scale, output_type="np",
+        generator=torch.Generator().manual_seed(0)).images
+    theirs = torch.from_numpy(theirs).permute(0, 3, 1, 2) * 2 - 1
+    ours = sd.text_to_image(pipe, PROMPTS, generator=torch.Generator().manual_seed(0),
+                            denoiser=C.make_denoiser(pipe, adapter, condition(), scale=scale),
+                            **run)
+    plain = sd.text_to_image(pipe, PROMPTS, generator=torch.Generator().manual_seed(0), **run)
+    off = sd.text_to_image(pipe, PROMPTS, generator=torch.Generator().manual_seed(0),
+                           denoiser=C.adapter_denoiser(pipe, adapter, condition(), scale=0.0),
+                           **run)
+    assert float(((ours - theirs) / 2).abs().max()) <= 1e-4
+    assert float((ours - plain).abs().max()) > 1e-2               # the adapter acts (not zero-init)
+    assert torch.equal(off, plain)                                 # scale 0: the base model
+
+
+def test_bad_adapter_inputs(parts, adapter):
+    pipe, _ = parts
+    with pytest.raises(ValueError, match=r"images \(B, 3, 32, 32\)"):
+        C.adapter_denoiser(pipe, adapter, condition(size=64))
+    with pytest.raises(ValueError, match="non-negative"):
+        C.make_denoiser(pipe, adapter, condition(), scale=-0.5)
+    with pytest.raises(ValueError, match="ControlNetModel or a T2IAdapter"):
+        C.make_denoiser(pipe, pipe.unet, condition())
+
+
+def test_the_loss_trains_an_adapter(parts, adapter):
+    from diffkit.data.shapes import make_shapes
+    from diffkit.train import train
+
+    pipe, _ = parts
+    scenes = make_shapes(16, seed=6, anywhere=True)
+    latents, states = tiny_sd.encode_pool(pipe.vae, pipe.text_encoder, pipe.tokenizer,
+                                          scenes.images, scenes.captions,
+                                          generator=torch.Generator().manual_seed(0))
+    unet = copy.deepcopy(pipe.unet)
+    empty = tiny_sd.text_states(pipe.text_encoder, pipe.tokenizer, [""])
+    loss = C.ControlNetLoss(unet, pipe.scheduler.alphas_cumprod, empty)
+    live = copy.deepcopy(adapter)
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+    result = train(live, loss, (latents, states, C.conditions(scenes, "masks")), steps=3,
+                   batch_size=8, warmup=1, progress=False)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert any(not torch.equal(v, before[k]) for k, v in result.model.state_dict().items())

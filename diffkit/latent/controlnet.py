@@ -59,14 +59,19 @@ def _check_condition(condition: torch.Tensor, height: int, width: int) -> None:
                          f"got {got}")
 
 
+def _check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or scale < 0:
+        raise ValueError(f"the conditioning scale must be a non-negative number, got {scale!r}")
+    return float(scale)
+
+
 def control_denoiser(pipe, controlnet, condition: torch.Tensor, *,
                      scale: float = 1.0) -> DiscreteTimeDenoiser:
     """D(x, sigma; encoder_hidden_states) of ``pipe.unet`` with ``controlnet``'s residuals for
     ``condition`` (B, 3, H, W) in [0, 1] (as the pipeline takes it, not normalised), weighted
     by ``scale`` (the pipeline's ``controlnet_conditioning_scale``). A guided batch (unconditional
     and conditional halves) gets the condition once per half, as in the pipeline."""
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or scale < 0:
-        raise ValueError(f"the conditioning scale must be a non-negative number, got {scale!r}")
+    scale = _check_scale(scale)
     size = pipe.unet.config.sample_size * downsampling_factor(pipe.vae)
     _check_condition(condition, size, size)
     condition = condition.to(pipe.unet.device, pipe.unet.dtype)
@@ -74,13 +79,59 @@ def control_denoiser(pipe, controlnet, condition: torch.Tensor, *,
     def model(x_t, t, encoder_hidden_states):
         repeated = condition.repeat(len(x_t) // len(condition), 1, 1, 1)
         down, middle = controlnet(x_t, t, encoder_hidden_states=encoder_hidden_states,
-                                  controlnet_cond=repeated, conditioning_scale=float(scale),
+                                  controlnet_cond=repeated, conditioning_scale=scale,
                                   return_dict=False)
         return pipe.unet(x_t, t, encoder_hidden_states=encoder_hidden_states,
                          down_block_additional_residuals=down,
                          mid_block_additional_residual=middle).sample
 
     return unet_denoiser(pipe, model)
+
+
+def make_t2i_adapter(unet, vae, *, num_res_blocks: int = 2):
+    """A diffusers ``T2IAdapter`` ("full_adapter", Mou et al. 2023) for ``unet``: the condition
+    image pixel-unshuffled by the VAE's factor, then one stage of ``num_res_blocks`` ResNet
+    blocks per UNet resolution, each stage's output (the UNet block's width) added to that
+    down block's output. No copy of the UNet and no text or time input: the features are
+    computed once per image, not once per step."""
+    from diffusers import T2IAdapter
+
+    return T2IAdapter(in_channels=3, channels=list(unet.config.block_out_channels),
+                      num_res_blocks=num_res_blocks, downscale_factor=downsampling_factor(vae),
+                      adapter_type="full_adapter")
+
+
+def adapter_denoiser(pipe, adapter, condition: torch.Tensor, *,
+                     scale: float = 1.0) -> DiscreteTimeDenoiser:
+    """D(x, sigma; encoder_hidden_states) of ``pipe.unet`` with the T2I-Adapter's features of
+    ``condition`` (B, 3, H, W) in [0, 1] times ``scale`` (``adapter_conditioning_scale``) added
+    inside its down blocks, as ``StableDiffusionAdapterPipeline`` adds them."""
+    scale = _check_scale(scale)
+    size = pipe.unet.config.sample_size * downsampling_factor(pipe.vae)
+    _check_condition(condition, size, size)
+    with torch.no_grad():
+        features = [f * scale for f in adapter(condition.to(pipe.unet.device, pipe.unet.dtype))]
+
+    def model(x_t, t, encoder_hidden_states):
+        repeat = len(x_t) // len(condition)
+        return pipe.unet(x_t, t, encoder_hidden_states=encoder_hidden_states,
+                         down_intrablock_additional_residuals=[
+                             f.repeat(repeat, 1, 1, 1) for f in features]).sample
+
+    return unet_denoiser(pipe, model)
+
+
+def make_denoiser(pipe, control, condition: torch.Tensor, *, scale: float = 1.0):
+    """``control_denoiser`` for a ``ControlNetModel``, ``adapter_denoiser`` for a
+    ``T2IAdapter``."""
+    from diffusers import ControlNetModel, T2IAdapter
+
+    if isinstance(control, ControlNetModel):
+        return control_denoiser(pipe, control, condition, scale=scale)
+    if isinstance(control, T2IAdapter):
+        return adapter_denoiser(pipe, control, condition, scale=scale)
+    raise ValueError(f"control must be a ControlNetModel or a T2IAdapter, "
+                     f"got {type(control).__name__}")
 
 
 def controlnet_pipeline(pipe, controlnet):
@@ -90,6 +141,18 @@ def controlnet_pipeline(pipe, controlnet):
     out = StableDiffusionControlNetPipeline(
         vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
         controlnet=controlnet, scheduler=pipe.scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    out.set_progress_bar_config(disable=True)
+    return out
+
+
+def adapter_pipeline(pipe, adapter):
+    """A ``StableDiffusionAdapterPipeline`` of ``pipe``'s parts and ``adapter``."""
+    from diffusers import StableDiffusionAdapterPipeline
+
+    out = StableDiffusionAdapterPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+        adapter=adapter, scheduler=pipe.scheduler, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     out.set_progress_bar_config(disable=True)
     return out
@@ -109,7 +172,8 @@ def conditions(scenes, kind: str = "edges") -> torch.Tensor:
 
 class ControlNetLoss:
     """SD's training loss with the ControlNet's residuals added to a frozen UNet: what trains a
-    ControlNet (Zhang et al. 2023, eq. 2). ``batch``: scaled latents (B, C, h, w), text states
+    ControlNet (Zhang et al. 2023, eq. 2), and with a ``T2IAdapter`` in its place, the adapter's
+    features added instead (Mou et al. 2023). ``batch``: scaled latents (B, C, h, w), text states
     (B, L, D) and control images (B, 3, H, W) in [0, 1]. The noise, timesteps and caption dropout
     are :class:`diffkit.latent.tiny_sd.LatentDiffusionLoss`'s (the paper drops half of the
     prompts, so the ControlNet learns to read the condition alone). Freezes ``unet``."""
@@ -130,11 +194,20 @@ class ControlNetLoss:
             raise ValueError(f"control images must be (B, 3, H, W) for {len(latents)} latents, "
                              f"got {tuple(control.shape)}")
 
+        from diffusers import T2IAdapter
+
+        if isinstance(controlnet, T2IAdapter):      # its features: once per image, no t or text
+            features = controlnet(control)
+
         def model(z_t, t, encoder_hidden_states):
-            down, middle = controlnet(z_t, t, encoder_hidden_states=encoder_hidden_states,
-                                      controlnet_cond=control, return_dict=False)
+            if isinstance(controlnet, T2IAdapter):
+                residuals = dict(down_intrablock_additional_residuals=list(features))
+            else:
+                down, middle = controlnet(z_t, t, encoder_hidden_states=encoder_hidden_states,
+                                          controlnet_cond=control, return_dict=False)
+                residuals = dict(down_block_additional_residuals=down,
+                                 mid_block_additional_residual=middle)
             return SimpleNamespace(sample=self.unet(
-                z_t, t, encoder_hidden_states=encoder_hidden_states,
-                down_block_additional_residuals=down, mid_block_additional_residual=middle).sample)
+                z_t, t, encoder_hidden_states=encoder_hidden_states, **residuals).sample)
 
         return self.loss(model, (latents, states), generator)
