@@ -54,3 +54,34 @@ def test_control_bench_quick_runs():
     assert set(figures) == {"prompt-only", *P.CONTROL_CHECKPOINTS}
     assert all(f["seconds"] > 0 and f["batch"] == 4 for f in figures.values())
     assert figures["prompt-only"]["over_prompt_only"] == 1.0
+
+
+@pytest.mark.parametrize("name", P.CONTROL_CHECKPOINTS)
+def test_shipped_control_runs_in_the_diffusers_pipeline(name):
+    # the reader's path: diffusers' own loaders and pipeline, offline, on the shipped folders
+    from diffusers import ControlNetModel, StableDiffusionPipeline, T2IAdapter
+
+    from diffkit import checkpoints
+    from diffkit.latent import sd
+
+    base = StableDiffusionPipeline.from_pretrained(str(checkpoints.checkpoint_dir("shapes-sd")),
+                                                   local_files_only=True)
+    base.set_progress_bar_config(disable=True)
+    cls = ControlNetModel if name == "shapes-controlnet" else T2IAdapter
+    control = cls.from_pretrained(str(checkpoints.checkpoint_dir(name)), local_files_only=True)
+    scenes = P.control_scenes(4, seed=7)
+    condition = C.conditions(scenes, "masks")
+    run = dict(num_inference_steps=10, guidance_scale=3.0,
+               generator=torch.Generator().manual_seed(0))
+    if cls is ControlNetModel:
+        theirs = C.controlnet_pipeline(base, control)(
+            scenes.captions, image=condition, output_type="pt", **run).images * 2 - 1
+    else:
+        theirs = C.adapter_pipeline(base, control)(
+            scenes.captions, image=condition, output_type="np", **run).images
+        theirs = torch.from_numpy(theirs).permute(0, 3, 1, 2) * 2 - 1
+    ours = sd.text_to_image(base, scenes.captions, steps=10, guidance_scale=3.0,
+                            generator=torch.Generator().manual_seed(0),
+                            denoiser=C.make_denoiser(base, control, condition))
+    assert float(((ours - theirs) / 2).abs().max()) <= 1e-4
+    assert float(P.mask_iou(theirs, scenes.masks).mean()) > 0.7      # it follows the masks

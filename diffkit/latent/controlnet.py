@@ -134,28 +134,26 @@ def make_denoiser(pipe, control, condition: torch.Tensor, *, scale: float = 1.0)
                      f"got {type(control).__name__}")
 
 
-def controlnet_pipeline(pipe, controlnet):
-    """A ``StableDiffusionControlNetPipeline`` of ``pipe``'s parts and ``controlnet``."""
-    from diffusers import StableDiffusionControlNetPipeline
+def _with_control(cls_name: str, pipe, **control):
+    """diffusers pipeline ``cls_name`` of ``pipe``'s parts and the control model given by name."""
+    import diffusers
 
-    out = StableDiffusionControlNetPipeline(
+    out = getattr(diffusers, cls_name)(
         vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-        controlnet=controlnet, scheduler=pipe.scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+        scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False, **control)
     out.set_progress_bar_config(disable=True)
     return out
+
+
+def controlnet_pipeline(pipe, controlnet):
+    """A ``StableDiffusionControlNetPipeline`` of ``pipe``'s parts and ``controlnet``."""
+    return _with_control("StableDiffusionControlNetPipeline", pipe, controlnet=controlnet)
 
 
 def adapter_pipeline(pipe, adapter):
     """A ``StableDiffusionAdapterPipeline`` of ``pipe``'s parts and ``adapter``."""
-    from diffusers import StableDiffusionAdapterPipeline
-
-    out = StableDiffusionAdapterPipeline(
-        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-        adapter=adapter, scheduler=pipe.scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    out.set_progress_bar_config(disable=True)
-    return out
+    return _with_control("StableDiffusionAdapterPipeline", pipe, adapter=adapter)
 
 
 def conditions(scenes, kind: str = "edges") -> torch.Tensor:
