@@ -11,8 +11,6 @@ ControlNet at conditioning scale 0 gives exactly (its residuals are then zero).
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from diffkit.data.shapes import ShapesBatch, make_shapes
@@ -46,26 +44,19 @@ def generate(pipe, prompts: list[str], *, control=None, condition=None, scale: f
              batch: int = 100) -> torch.Tensor:
     """Images (N, 3, H, W) in [-1, 1] for ``prompts``: with ``control`` (a ControlNet or a
     T2I-Adapter, see :func:`diffkit.latent.controlnet.make_denoiser`) reading ``condition``
-    (N, 3, H, W) in [0, 1] at ``scale``, or the base pipeline's when ``control`` is None. All
-    noise comes from one generator seeded with ``seed``, ``batch`` prompts at a time, so two
-    settings see the same noise for the same prompt."""
+    (N, 3, H, W) in [0, 1] at ``scale``, or the base pipeline's when ``control`` is None. The
+    loop and its noise are :func:`diffkit.eval.sd_probes.generate`'s, so two settings see the
+    same noise for the same prompt."""
+    from diffkit.eval.sd_probes import generate as generate_prompts
     from diffkit.latent.controlnet import make_denoiser
-    from diffkit.latent.sd import text_to_image
 
-    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
-        raise ValueError(f"batch must be a positive integer, got {batch!r}")
     if control is not None and (condition is None or len(condition) != len(prompts)):
         raise ValueError(f"a control model needs one condition image per prompt "
                          f"({len(prompts)}), got {None if condition is None else len(condition)}")
-    generator = torch.Generator(pipe.unet.device).manual_seed(seed)
-    out = []
-    for i in range(0, len(prompts), batch):
-        denoiser = None if control is None else make_denoiser(
-            pipe, control, condition[i:i + batch], scale=scale)
-        out.append(text_to_image(pipe, list(prompts[i:i + batch]), steps=steps,
-                                 guidance_scale=guidance_scale, sampler=sampler,
-                                 generator=generator, denoiser=denoiser).cpu())
-    return torch.cat(out)
+    denoiser_for = None if control is None else (
+        lambda rows: make_denoiser(pipe, control, condition[rows], scale=scale))
+    return generate_prompts(pipe, prompts, steps=steps, guidance_scale=guidance_scale,
+                            sampler=sampler, seed=seed, batch=batch, denoiser_for=denoiser_for)
 
 
 def report(scenes: ShapesBatch, images: torch.Tensor) -> dict[str, float]:

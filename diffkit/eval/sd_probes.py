@@ -29,18 +29,24 @@ def prompt_scenes(n: int, objects: int, *, seed: int = SD_TEST_SEED) -> ShapesBa
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], *, steps: int, guidance_scale: float,
-             sampler: str = "dpmpp_2m", seed: int = 0, batch: int = 100) -> torch.Tensor:
+             sampler: str = "dpmpp_2m", seed: int = 0, batch: int = 100,
+             denoiser_for=None) -> torch.Tensor:
     """Images (N, 3, H, W) in [-1, 1] from diffkit's text-to-image loop, ``batch`` prompts at
-    a time, all noise from one generator seeded with ``seed``."""
+    a time, all noise from one generator seeded with ``seed``. ``denoiser_for(rows)``, given
+    the slice of prompts of a batch, returns the denoiser to sample that batch with (a UNet with
+    a control model, :mod:`diffkit.eval.control_probes`); default the pipeline's UNet."""
     from diffkit.latent.sd import text_to_image
 
     if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
     generator = torch.Generator(pipe.unet.device).manual_seed(seed)
-    return torch.cat([text_to_image(pipe, list(prompts[i:i + batch]), steps=steps,
+    rows = [slice(i, i + batch) for i in range(0, len(prompts), batch)]
+    return torch.cat([text_to_image(pipe, list(prompts[r]), steps=steps,
                                     guidance_scale=guidance_scale, sampler=sampler,
-                                    generator=generator).cpu()
-                      for i in range(0, len(prompts), batch)])
+                                    generator=generator,
+                                    denoiser=None if denoiser_for is None else denoiser_for(r)
+                                    ).cpu()
+                      for r in rows])
 
 
 def shape_accuracy(scenes: ShapesBatch, images: torch.Tensor) -> dict[str, dict[str, float]]:

@@ -59,10 +59,14 @@ def _check_condition(condition: torch.Tensor, height: int, width: int) -> None:
                          f"got {got}")
 
 
-def _check_scale(scale) -> float:
+def _checked(pipe, condition: torch.Tensor, scale) -> tuple[torch.Tensor, float]:
+    """The condition on the UNet's device and dtype and the scale as a float, once both are
+    checked: images of the pipeline's size and a non-negative number."""
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or scale < 0:
         raise ValueError(f"the conditioning scale must be a non-negative number, got {scale!r}")
-    return float(scale)
+    size = pipe.unet.config.sample_size * downsampling_factor(pipe.vae)
+    _check_condition(condition, size, size)
+    return condition.to(pipe.unet.device, pipe.unet.dtype), float(scale)
 
 
 def control_denoiser(pipe, controlnet, condition: torch.Tensor, *,
@@ -71,10 +75,7 @@ def control_denoiser(pipe, controlnet, condition: torch.Tensor, *,
     ``condition`` (B, 3, H, W) in [0, 1] (as the pipeline takes it, not normalised), weighted
     by ``scale`` (the pipeline's ``controlnet_conditioning_scale``). A guided batch (unconditional
     and conditional halves) gets the condition once per half, as in the pipeline."""
-    scale = _check_scale(scale)
-    size = pipe.unet.config.sample_size * downsampling_factor(pipe.vae)
-    _check_condition(condition, size, size)
-    condition = condition.to(pipe.unet.device, pipe.unet.dtype)
+    condition, scale = _checked(pipe, condition, scale)
 
     def model(x_t, t, encoder_hidden_states):
         repeated = condition.repeat(len(x_t) // len(condition), 1, 1, 1)
@@ -106,11 +107,9 @@ def adapter_denoiser(pipe, adapter, condition: torch.Tensor, *,
     """D(x, sigma; encoder_hidden_states) of ``pipe.unet`` with the T2I-Adapter's features of
     ``condition`` (B, 3, H, W) in [0, 1] times ``scale`` (``adapter_conditioning_scale``) added
     inside its down blocks, as ``StableDiffusionAdapterPipeline`` adds them."""
-    scale = _check_scale(scale)
-    size = pipe.unet.config.sample_size * downsampling_factor(pipe.vae)
-    _check_condition(condition, size, size)
+    condition, scale = _checked(pipe, condition, scale)
     with torch.no_grad():
-        features = [f * scale for f in adapter(condition.to(pipe.unet.device, pipe.unet.dtype))]
+        features = [f * scale for f in adapter(condition)]
 
     def model(x_t, t, encoder_hidden_states):
         repeat = len(x_t) // len(condition)
@@ -194,11 +193,11 @@ class ControlNetLoss:
 
         from diffusers import T2IAdapter
 
-        if isinstance(controlnet, T2IAdapter):      # its features: once per image, no t or text
-            features = controlnet(control)
+        # an adapter's features: once per image (no t, no text); a ControlNet runs per call
+        features = controlnet(control) if isinstance(controlnet, T2IAdapter) else None
 
         def model(z_t, t, encoder_hidden_states):
-            if isinstance(controlnet, T2IAdapter):
+            if features is not None:
                 residuals = dict(down_intrablock_additional_residuals=list(features))
             else:
                 down, middle = controlnet(z_t, t, encoder_hidden_states=encoder_hidden_states,
