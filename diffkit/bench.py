@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -50,31 +51,24 @@ def timed(fn: Callable, repeats: int = 3) -> float:
 
 @bench
 def train_throughput(device: torch.device, quick: bool) -> dict:
-    """Every recipe's training, timed at two short lengths, projected to its full length.
+    """Every recipe's training, timed at two short lengths, projected to its full length; and
+    the rate of two of them on 1, 2, ... processes (:mod:`diffkit.train.throughput`).
 
     Each recipe's own ``train`` function runs k1 and then k2 optimiser steps (fresh state each
     time); the difference gives the cost per step with the set-up (data generation, model
     building) removed, and ``projected_train_minutes`` = set-up + the recipe's steps x per-step
     cost. The final measurement a recipe runs after training (e.g. sampling 1000 digits) is not
-    included: the checkpoints' cards record it as ``measure_seconds``.
+    included: the checkpoints' cards record it as ``measure_seconds``. ``NAME@N-processes``:
+    steps per second (of the recipe's whole batch) on N processes launched by ``accelerate``,
+    N up to the GPUs here, or 1 and 2 on a CPU of two cores or more.
     """
-    import tempfile
+    from diffkit.train import throughput
 
     k1, k2 = (5, 25) if quick else (20, 120)
-    out = {}
-    for name, spec in recipes.RECIPES.items():
-        seconds = []
-        for k in (k1, k2):
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.manual_seed(recipes.SEED)
-                start = time.perf_counter()
-                spec.train(k, device, Path(tmp) / f"{name}.state.safetensors", False)
-                seconds.append(time.perf_counter() - start)
-        per_step = max(seconds[1] - seconds[0], 1e-9) / (k2 - k1)
-        setup = max(seconds[0] - k1 * per_step, 0.0)
-        out[name] = {"steps_per_second": 1 / per_step, "setup_seconds": setup,
-                     "recipe_steps": spec.steps,
-                     "projected_train_minutes": (setup + spec.steps * per_step) / 60}
+    out = {name: throughput.rate(name, device, k1, k2) for name in recipes.RECIPES}
+    most = torch.cuda.device_count() if device.type == "cuda" else min(2, os.cpu_count() or 1)
+    names = ["toy2d-ddpm"] if quick else ["digits-ddpm", "shapes-sd"]
+    out.update(throughput.per_process_count(names, device, list(range(1, most + 1)), k1, k2))
     return out
 
 

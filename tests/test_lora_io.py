@@ -103,6 +103,12 @@ def test_two_adapters_weights_fuse_unfuse_unload(pipe, tmp_path):
     assert float((unet_output(pipe.unet) - both).abs().max()) <= 1e-4    # fused = active
     pipe.unfuse_lora()
     pipe.set_adapters(["a", "b"], adapter_weights=[0.0, 0.0])
-    assert float((unet_output(pipe.unet) - base).abs().max()) <= 1e-5    # unfused: base again
+    # unfused: base again, up to the rounding of adding and then subtracting the fused deltas
+    unfused = unet_output(pipe.unet)
+    assert float((unfused - base).abs().max()) <= 1e-5
     pipe.unload_lora_weights()
-    assert float((unet_output(pipe.unet) - base).abs().max()) <= 1e-6
+    # unloading removes the (now silent) adapter layers and leaves the weights as they are;
+    # comparing with ``base`` instead would re-measure the fuse/unfuse rounding above, which
+    # sits at ~1e-6 (it was 1.01e-6 on one CI run)
+    assert float((unet_output(pipe.unet) - unfused).abs().max()) <= 1e-6
+    assert float((unet_output(pipe.unet) - base).abs().max()) <= 1e-5

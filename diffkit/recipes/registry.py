@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from diffkit import checkpoints, config
+from diffkit.train import processes
 
 SEED = 0
 # every recipe trains on a 2-core CPU within this many seconds (DEVELOPERS.md) unless its issue
@@ -54,6 +55,18 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
 
 
+def _parallelism() -> dict:
+    """The card's record of how the run was split; absent for the single-process default, so
+    that the cards of the shipped checkpoints read as they always have."""
+    opts, world = processes.options(), processes.launched_processes()
+    out = {"processes": world} if world > 1 else {}
+    if opts.grad_accumulation > 1:
+        out["grad_accumulation"] = opts.grad_accumulation
+    if opts.mixed_precision not in (None, "no"):
+        out["mixed_precision"] = opts.mixed_precision
+    return out
+
+
 def _spec(name: str) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
@@ -62,17 +75,24 @@ def _spec(name: str) -> Recipe:
 
 def run(name: str, *, root=None, device=None, steps: int | None = None,
         progress: bool = True) -> dict:
-    """Train recipe ``name``, measure it, and save its checkpoint; returns the card."""
+    """Train recipe ``name``, measure it, and save its checkpoint; returns the card.
+
+    Under a launcher of several processes (:mod:`diffkit.train.processes`) every process
+    trains; the main one alone measures, saves and returns the card, the others return None.
+    """
     spec = _spec(name)
     steps = spec.steps if steps is None else steps
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
     device = torch.device(device) if device is not None else config.device()
+    device = processes.process_device(device)
     folder = checkpoints.checkpoint_dir(name, root)
     state_path = folder.with_name(name + ".state.safetensors")
     torch.manual_seed(SEED)  # weight initialisation
     start = time.perf_counter()
     result, hyper = spec.train(steps, device, state_path, progress)
+    if not processes.main_process(device):
+        return None
     measured_start = time.perf_counter()
     measured = spec.measure(result.ema, device)
     card = {
@@ -81,6 +101,7 @@ def run(name: str, *, root=None, device=None, steps: int | None = None,
         "total_seconds": round(time.perf_counter() - start, 1),
         "resumed_from_step": result.resumed_from,
         "device": _device_name(device), "threads": torch.get_num_threads(),
+        **_parallelism(),
         "versions": checkpoints.library_versions(),
         "model": checkpoints.describe(result.ema),
         "hyperparameters": hyper,
@@ -96,10 +117,12 @@ def run(name: str, *, root=None, device=None, steps: int | None = None,
     return card
 
 
-def remeasure(name: str, *, root=None, device=None) -> dict:
+def remeasure(name: str, *, root=None, device=None) -> dict | None:
     """Recompute the quality figures of an existing checkpoint and rewrite its card."""
     spec = _spec(name)
     device = torch.device(device) if device is not None else config.device()
+    if not processes.main_process(device):
+        return None          # measuring is one process's work
     folder = checkpoints.checkpoint_dir(name, root)
     model, card = checkpoints.load_model(name, root=root, device=device)
     start = time.perf_counter()
