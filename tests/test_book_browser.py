@@ -438,3 +438,85 @@ def test_index_redirects_into_book(browser, server):
     soup = soup_of(dom)
     title = soup.title.get_text() if soup.title else ""
     assert book_title() in title, f"index.html did not open the book (title {title!r}); stderr:\n{stderr[-2000:]}"
+
+
+# --------------------------------------------------------------------------------------------
+# Practice mode: the interview page folds its answers
+
+
+INTERVIEW = "book/interview"
+# A page of the same origin that loads the interview page in a frame, then acts as a reader:
+# checks the first answer is hidden, opens it, checks it shows, and uses the page's one button
+# to open and then close every answer. It writes what it saw into #result for --dump-dom.
+FOLD_HARNESS = """<!DOCTYPE html><html><head><title>fold check</title></head><body>
+<pre id="result">pending</pre>
+<iframe id="page" src="{src}" width="1200" height="900"></iframe>
+<script>
+document.getElementById("page").addEventListener("load", function () {{
+  var out = {{}};
+  try {{
+    var doc = this.contentDocument;
+    var answers = Array.from(doc.querySelectorAll("details.diffkit-answer"));
+    var first = answers[0];
+    var body = first.querySelector(".sd-summary-content") || first.lastElementChild;
+    // checkVisibility: false inside a closed <details>, whose content Chromium keeps laid out
+    // but hidden (content-visibility), where offsetHeight alone would still be > 0
+    function shown(el) {{ return el.checkVisibility() && el.offsetHeight > 0; }}
+    out.question_shown = shown(first.querySelector("summary"));
+    out.answers = answers.length;
+    out.folded_at_load = answers.filter(function (d) {{ return !d.open; }}).length;
+    out.hidden_before = !shown(body);
+    first.querySelector("summary").click();
+    out.shown_after_click = shown(body);
+    out.has_link = !!body.querySelector("a.reference.internal");
+    var button = doc.querySelector("button.diffkit-toggle-answers");
+    out.buttons = doc.querySelectorAll("button.diffkit-toggle-answers").length;
+    button.click();
+    out.all_open = answers.every(function (d) {{ return d.open; }});
+    button.click();
+    out.all_closed = answers.every(function (d) {{ return !d.open; }});
+  }} catch (e) {{ out.error = String(e); }}
+  document.getElementById("result").textContent = JSON.stringify(out);
+}});
+</script></body></html>"""
+
+
+FOLDING_PAGES = [doc for doc in PAGES if source_of(doc) is not None
+                 and "diffkit-answer" in source_of(doc).read_text()]
+
+
+def test_the_interview_page_and_every_chapter_with_questions_fold_them():
+    assert INTERVIEW in FOLDING_PAGES and len(FOLDING_PAGES) >= 10, FOLDING_PAGES
+
+
+@pytest.mark.parametrize("doc", FOLDING_PAGES)
+def test_answers_are_folded_with_a_link_each_and_one_button(doc):
+    soup = soup_of(read_page(doc))
+    answers = soup.select("details.diffkit-answer")
+    written = source_of(doc).read_text().count(":class-container: diffkit-answer")
+    assert written >= 1 and len(answers) == written, (doc, written, len(answers))
+    assert not [d for d in answers if d.has_attr("open")], f"{doc}: an answer is open at load"
+    assert len(soup.select("button.diffkit-toggle-answers")) == 1, doc
+    if doc == INTERVIEW:      # its answers are short: each links to the section that measures it
+        assert written >= 30
+        unlinked = [d.summary.get_text(" ", strip=True)[:80] for d in answers
+                    if not d.select("a.reference.internal")]
+        assert not unlinked, f"answers without a link to their section: {unlinked}"
+
+
+def test_reader_opens_a_folded_answer_and_all_of_them(browser, server):
+    harness = HTML / "_diffkit_fold_check.html"
+    harness.write_text(FOLD_HARNESS.format(src=INTERVIEW + ".html"))
+    try:
+        dom, stderr = dump_dom(browser, server + harness.name)
+    finally:
+        harness.unlink(missing_ok=True)
+    result = soup_of(dom).find(id="result")
+    assert result is not None and result.get_text() != "pending", (
+        f"the check page did not run; stderr:\n{stderr[-2000:]}")
+    seen = json.loads(result.get_text())
+    assert "error" not in seen, seen
+    assert seen["answers"] >= 30 and seen["folded_at_load"] == seen["answers"], seen
+    assert seen["question_shown"] and seen["hidden_before"], seen        # question, no answer
+    assert seen["shown_after_click"] and seen["has_link"], seen
+    assert seen["buttons"] == 1 and seen["all_open"] and seen["all_closed"], seen
