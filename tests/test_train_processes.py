@@ -4,36 +4,26 @@ process with the same micro-batches, exact resume after a hard kill, one writer.
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from distributed_worker import SETTINGS
 from safetensors.torch import load_file
 from test_train import POINTS, _equal, ddpm_loss, small_mlp
 
 from diffkit.train import processes
 from diffkit.train.loop import train
+from diffkit.train.processes import launch_command
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
-SETTINGS = dict(batch_size=16, lr=1e-2, warmup=5, ema_decay=0.9, save_every=5, progress=False)
 STEPS = 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(*args, processes=2, check=True):
     """``accelerate launch`` the worker on ``processes`` CPU processes (one thread each)."""
-    accelerate = Path(sys.executable).with_name("accelerate")
-    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), str(WORKER), *map(str, args)]
+    command = launch_command(processes, str(WORKER), *map(str, args))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     if check and done.returncode != 0:

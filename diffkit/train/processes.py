@@ -72,6 +72,23 @@ def _in_force(new: Options):
         _options = saved
 
 
+def launch_command(processes: int, *command: str) -> list[str]:
+    """``accelerate launch`` of ``command`` (a script and its arguments, or ``-m MODULE ...``)
+    on ``processes`` processes of this machine, on a free port. ``--multi_gpu`` is what fans out
+    on a CPU too: ``--cpu --num_processes N`` would start one process (accelerate's simple
+    launcher spreads only over an MPI hostfile)."""
+    import socket
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu",
+            "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(port), *command]
+
+
 def launched_processes() -> int:
     """How many processes a launcher (torchrun, ``accelerate launch``) started, 1 if none."""
     return int(os.environ.get("WORLD_SIZE", "1"))

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from diffkit.train.processes import launch_command
+
 
 def rate(name: str, device: torch.device, k1: int, k2: int) -> dict:
     """Recipe ``name``'s steps per second and set-up seconds (fresh state for each length)."""
@@ -34,18 +36,9 @@ def rate(name: str, device: torch.device, k1: int, k2: int) -> dict:
             spec.train(k, device, Path(tmp) / f"{name}.state.safetensors", False)
             seconds.append(time.perf_counter() - start)
     per_step = max(seconds[1] - seconds[0], 1e-9) / (k2 - k1)
-    return {"steps_per_second": 1 / per_step,
-            "setup_seconds": max(seconds[0] - k1 * per_step, 0.0), "recipe_steps": spec.steps,
-            "projected_train_minutes": (max(seconds[0] - k1 * per_step, 0.0)
-                                        + spec.steps * per_step) / 60}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    setup = max(seconds[0] - k1 * per_step, 0.0)
+    return {"steps_per_second": 1 / per_step, "setup_seconds": setup, "recipe_steps": spec.steps,
+            "projected_train_minutes": (setup + spec.steps * per_step) / 60}
 
 
 def _launch(processes: int, name: str, device: torch.device, k1: int, k2: int) -> dict:
@@ -54,13 +47,8 @@ def _launch(processes: int, name: str, device: torch.device, k1: int, k2: int) -
         child = ["-m", "diffkit.train.throughput", str(out), name, str(device.type), str(k1),
                  str(k2)]
         env = dict(os.environ)
-        if processes == 1:
-            command = [sys.executable, *child]
-        else:
-            accelerate = str(Path(sys.executable).with_name("accelerate"))
-            command = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes),
-                       "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
-                       "no", "--main_process_port", str(_free_port()), *child]
+        command = ([sys.executable, *child] if processes == 1
+                   else launch_command(processes, *child))
         if device.type == "cpu":
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
         subprocess.run(command, env=env, check=True, capture_output=True, timeout=3600)
