@@ -43,3 +43,16 @@ def test_train_adapter_trains_the_factors_of_a_copy(untrained_tiny_sd, kind, tar
     assert any(getattr(u, zero_factor).abs().max() > 0 for u in found.values())   # it moved
     with pytest.raises(ValueError, match="16 images but 15 captions"):
         finetune.train_adapter(pipe, scenes.images, scenes.captions[:15], rank=2, steps=1)
+
+
+def test_a_caption_longer_than_the_tokenizer_is_refused(untrained_tiny_sd):
+    from diffkit.latent import tiny_sd
+
+    pipe = untrained_tiny_sd
+    limit = pipe.tokenizer.model_max_length
+    long = " and ".join(["a small orange triangle at the bottom"] * 4)
+    assert len(pipe.tokenizer(long).input_ids) > limit
+    with pytest.raises(ValueError, match=f"fit the tokenizer's {limit} tokens"):
+        tiny_sd.text_states(pipe.text_encoder, pipe.tokenizer, ["a red circle", long])
+    states = tiny_sd.text_states(pipe.text_encoder, pipe.tokenizer, ["a red circle", ""])
+    assert states.shape[:2] == (2, limit)

@@ -269,6 +269,36 @@ def test_shapes_vae_bars_fail_untrained():
     assert passed == [], {k: measured[k] for k in passed}
 
 
+# --- shapes-vae-ft: the decoder taught orange and rings, the encoder unchanged ---------------
+
+# KW = dict(n=100), SEEDS vae_probes.SHAPES_TEST_SEED + 0, 10, ..., 50:
+#   shapes-vae-ft  orange_colour 1.0 in every seed; orange_shape mean 0.988, sd 0.007;
+#                  ring_shape_small and ring_shape_large 1.0 in every seed; the base bars as
+#                  shapes-vae's (shape_2obj mean 0.983, sd 0.008: 4 sd above 0.95)
+#   shapes-vae     orange_colour mean 0.45, sd 0.03; ring_shape_small mean 0.06, sd 0.05
+#                  (large rings 0.99): the shipped decoder cannot draw the concepts
+SHAPES_VAE_FT_BARS = {"concept_orange_colour": 0.97, "concept_orange_shape": 0.95,
+                      "concept_ring_shape_small": 0.97, "concept_ring_shape_large": 0.97}
+
+
+def test_shapes_vae_ft_live(shipped_model):
+    measured = measure(shipped_model, "shapes-vae-ft", n=SHAPES_VAE_N)
+    bars = {**SHAPES_VAE_BARS, **SHAPES_VAE_FT_BARS}
+    failed = {k: measured[k] for k, bar in bars.items() if measured[k] < bar}
+    assert not failed, failed
+    assert measured["encoder_max_change"] == 0.0       # every latent is shapes-vae's
+    _, card = shipped_model("shapes-vae")
+    assert measured["scaling_factor"] == card["measured"]["scaling_factor"]
+
+
+def test_shapes_vae_ft_bars_fail_for_the_shipped_decoder(shipped_model):
+    from diffkit.eval import vae_probes
+
+    base, _ = shipped_model("shapes-vae")
+    measured = vae_probes.concept_report(base, "cpu", n=SHAPES_VAE_N)
+    assert measured["orange_colour"] < 0.6 and measured["ring_shape_small"] < 0.3, measured
+
+
 # --- patches-vae: the family of chapter 8's sweeps on held-out natural patches ----------------
 
 PATCHES_VAE_N = 100
@@ -386,6 +416,6 @@ def test_every_shipped_model_is_measured_live_here():
     # a new recipe needs its live re-measurement in this file
     measured_here = {"toy2d-ddpm", "digits-judge", "digits-ddpm", "digits-ddpm-cosine",
                      "digits-cond-ddpm", "digits-classifier-noisy", "shapes-clip", "shapes-blip",
-                     "shapes-vae", "patches-vae", "shapes-sd", "shapes-controlnet",
+                     "shapes-vae", "shapes-vae-ft", "patches-vae", "shapes-sd", "shapes-controlnet",
                      "shapes-t2i-adapter"}
     assert set(recipes.RECIPES) == measured_here

@@ -203,3 +203,26 @@ def card_measured(root, name):
     import json
 
     return json.loads((root / name / "card.json").read_text())["measured"]
+
+
+def test_shapes_vae_ft_trains_only_the_decoder(tmp_path, monkeypatch):
+    from diffkit import recipes
+    from diffkit.eval import vae_probes
+
+    monkeypatch.setitem(recipes.latent.FT_HYPER, "part", 64)
+    for name in ("shapes_report", "concept_report"):
+        report = getattr(vae_probes, name)
+        monkeypatch.setattr(vae_probes, name,
+                            lambda m, d, report=report, **kw: report(m, d, n=16))
+    card = recipes.run("shapes-vae-ft", root=tmp_path, steps=4, progress=False, device="cpu")
+    tuned = AutoencoderKL.from_pretrained(tmp_path / "shapes-vae-ft")
+    base, _ = checkpoints.load_model("shapes-vae")
+    assert card["measured"]["encoder_max_change"] == 0.0
+    assert recipes.latent.encoder_change(tuned, base) == 0.0
+    decoder = [k for k in base.state_dict() if k.startswith(("decoder.", "post_quant_conv."))]
+    assert any(not torch.equal(tuned.state_dict()[k], base.state_dict()[k]) for k in decoder)
+    assert tuned.config.scaling_factor == base.config.scaling_factor
+    assert {"concept_orange_colour", "concept_ring_shape_small"} <= set(card["measured"])
+    # the encoder's latents, hence every UNet trained on shapes-vae, are untouched
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    assert torch.equal(V.encode(tuned, images, sample=False), V.encode(base, images, sample=False))

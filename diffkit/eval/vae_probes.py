@@ -1,7 +1,9 @@
 """What a VAE keeps and loses, measured: the card figures of ``shapes-vae`` and ``patches-vae``.
 
 ``shapes_report`` is the ceiling any latent diffusion model on the VAE can reach: the shapes
-judge reads held-out scenes after one encode-decode round trip. ``patches_report`` measures one
+judge reads held-out scenes after one encode-decode round trip; ``concept_report`` does the same
+for the two concepts of the fine-tuning chapters (orange, the ring), which a LoRA can teach the
+UNet only if the VAE can draw them. ``patches_report`` measures one
 natural-patch VAE: PSNR, the power kept per frequency band, the KL rate (per latent entry and
 per channel), and how far the latents are from filling the prior: a Frechet distance between
 posterior samples z ~ q(z | x) of the data, flattened, and as many draws of N(0, I). Decoding a
@@ -13,10 +15,10 @@ from __future__ import annotations
 import torch
 
 from diffkit.data.patches import natural_patches
-from diffkit.data.shapes import make_shapes
+from diffkit.data.shapes import ALL_COLOURS, ALL_SHAPES, SIZES, make_shapes
 from diffkit.eval import blur
 from diffkit.eval.metrics import frechet_distance
-from diffkit.eval.shapes_judge import judge_accuracy
+from diffkit.eval.shapes_judge import judge, judge_accuracy
 from diffkit.latent import vae as V
 
 SHAPES_TEST_SEED = 1808          # held-out scenes (the training pool uses another seed)
@@ -47,6 +49,27 @@ def shapes_report(vae, device="cpu", *, n: int = 500, seed: int = SHAPES_TEST_SE
         "band_energy_ratio_1obj": [round(v, 4) for v in out["band_energy_ratio_1obj"]]}
     out.update(scaling_factor=round(float(vae.config.scaling_factor), 5), n=n, seed=seed)
     return out
+
+
+@torch.no_grad()
+def concept_report(vae, device="cpu", *, n: int = 500, seed: int = SHAPES_TEST_SEED) -> dict:
+    """The judge (concept vocabularies) on round trips of n held-out one-object scenes of each
+    concept: "orange_colour" (orange scenes read orange), "orange_shape", and "ring_shape_small"
+    / "ring_shape_large" (rings read as rings, by size: a small ring's hole is 4 px wide, one
+    latent cell at x4)."""
+    vae = vae.to(device).eval()
+    vocabulary = dict(shapes=ALL_SHAPES, colours=ALL_COLOURS)
+    orange = make_shapes(n, seed=seed + 3, objects=1, colours=("orange",))
+    accuracy = judge_accuracy(orange, V.reconstruct(vae, orange.images.to(device)).cpu(),
+                              **vocabulary)
+    out = {"orange_colour": accuracy["colour"], "orange_shape": accuracy["shape"]}
+    rings = make_shapes(n, seed=seed + 4, objects=1, shapes=("ring",))
+    read = judge(V.reconstruct(vae, rings.images.to(device)).cpu(), **vocabulary)
+    for size in SIZES:
+        found = [any(o.shape == "ring" for o in seen)
+                 for truth, seen in zip(rings.objects, read) if truth[0].size == size]
+        out[f"ring_shape_{size}"] = sum(found) / max(1, len(found))
+    return _rounded(out) | {"n": n, "seed": seed}
 
 
 @torch.no_grad()

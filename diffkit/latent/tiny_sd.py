@@ -75,8 +75,15 @@ def frozen_parts(root=None, device=None):
 
 @torch.no_grad()
 def text_states(text_encoder, tokenizer, captions: list[str], *, batch: int = 1000):
-    """Per-token states (N, L, D) of the captions, padded to the tokenizer's length."""
-    ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+    """Per-token states (N, L, D) of the captions, padded to the tokenizer's length. A caption
+    longer than that is refused (training on a silently cut caption teaches the wrong words)."""
+    limit = tokenizer.model_max_length
+    pieces = tokenizer(list(captions)).input_ids
+    longest = max(range(len(pieces)), key=lambda i: len(pieces[i]), default=None)
+    if longest is not None and len(pieces[longest]) > limit:
+        raise ValueError(f"captions must fit the tokenizer's {limit} tokens; "
+                         f"{captions[longest]!r} takes {len(pieces[longest])}")
+    ids = tokenizer(list(captions), padding="max_length", max_length=limit,
                     return_tensors="pt").input_ids.to(text_encoder.device)
     return torch.cat([text_encoder(chunk)[0] for chunk in ids.split(batch)])
 

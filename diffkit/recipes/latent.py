@@ -1,7 +1,9 @@
 """Recipes of chapter 8 (the latent space): ``shapes-vae``, the VAE chapter 9's Stable Diffusion
-draws in, and ``patches-vae``, a family of natural-patch VAEs for the blur and rate-distortion
-studies. Each is a diffusers ``save_pretrained`` folder (the family: one subfolder per member)
-that ``AutoencoderKL.from_pretrained`` loads offline. What they measure is in
+draws in, ``shapes-vae-ft``, its decoder fine-tuned to draw the fine-tuning chapters' two new
+concepts (the encoder, hence every latent, unchanged), and ``patches-vae``, a family of
+natural-patch VAEs for the blur and rate-distortion studies. Each is a diffusers
+``save_pretrained`` folder (the family: one subfolder per member) that
+``AutoencoderKL.from_pretrained`` loads offline. What they measure is in
 :mod:`diffkit.eval.vae_probes`."""
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ import functools
 
 import torch
 
+from diffkit import checkpoints
 from diffkit.data.patches import natural_patches
-from diffkit.data.shapes import make_shapes
+from diffkit.data.shapes import ALL_COLOURS, ALL_SHAPES, make_shapes
 from diffkit.eval import vae_probes
 from diffkit.latent import vae as V
 from diffkit.recipes.registry import SEED, recipe
@@ -51,6 +54,53 @@ def shapes_vae(steps, device, state_path, progress):
     factor = V.set_scaling_factor(result.ema, pool[:4096].to(device))
     return result, {**SHAPES_HYPER, "vae": SHAPES_VAE, "train_seed": SHAPES_TRAIN_SEED,
                     "scaling_factor": factor}
+
+
+# --- shapes-vae-ft: the decoder taught the concepts, the latent space kept -------------------
+# As stabilityai/sd-vae-ft-mse for SD 1.x: only the decoder trains, so the encoder maps every
+# image to the latent it had, every UNet trained on shapes-vae (shapes-sd, the control models)
+# works unchanged, and the VAE can now draw what the LoRA / DreamBooth chapters teach the UNet.
+# The pool: base scenes (so the base world stays drawn as before), scenes of the extended
+# vocabularies, and scenes of each concept alone.
+
+FT_TRAIN_SEED = 810
+FT_HYPER = dict(part=5000, batch_size=64, lr=1e-3, ema_decay=0.999, warmup=50, kl_weight=1e-6,
+                mse_weight=1.0, trained="decoder, post_quant_conv")
+FT_PARTS = {"base": {}, "extended": dict(shapes=ALL_SHAPES, colours=ALL_COLOURS),
+            "orange": dict(shapes=ALL_SHAPES, colours=("orange",)),
+            "ring": dict(shapes=("ring",), colours=ALL_COLOURS)}
+ENCODER = ("encoder.", "quant_conv.")
+
+
+def encoder_change(vae, base) -> float:
+    """The largest change of an encoder weight from ``base`` (0.0: the latents are the same)."""
+    ref = base.state_dict()
+    return max((v.cpu() - ref[k].cpu()).abs().max().item()
+               for k, v in vae.state_dict().items() if k.startswith(ENCODER))
+
+
+def shapes_vae_ft_quality(vae, device, **kw) -> dict:
+    base, _ = checkpoints.load_model("shapes-vae", device=device)
+    return {**vae_probes.shapes_report(vae, device, **kw),
+            **{f"concept_{k}": v for k, v in vae_probes.concept_report(vae, device, **kw).items()},
+            "encoder_max_change": encoder_change(vae, base)}
+
+
+@recipe("shapes-vae-ft", "shapes-vae with its decoder fine-tuned on scenes with orange and "
+        "rings, the encoder frozen (chapter 11)", 1500, shapes_vae_ft_quality)
+def shapes_vae_ft(steps, device, state_path, progress):
+    vae, _ = checkpoints.load_model("shapes-vae")
+    vae.train()
+    for name, module in vae.named_children():
+        module.requires_grad_(f"{name}." not in ENCODER)
+    pool = torch.cat([make_shapes(FT_HYPER["part"], seed=FT_TRAIN_SEED + i, **vocabulary).images
+                      for i, vocabulary in enumerate(FT_PARTS.values())])
+    loss = functools.partial(V.vae_loss, kl_weight=FT_HYPER["kl_weight"],
+                             mse_weight=FT_HYPER["mse_weight"])
+    result = _fit(vae, loss, pool, steps, device, state_path, progress, FT_HYPER)
+    # the scaling factor is the base's: the latents are the same
+    return result, {**FT_HYPER, "parts": list(FT_PARTS), "train_seed": FT_TRAIN_SEED,
+                    "scaling_factor": vae.config.scaling_factor}
 
 
 # --- patches-vae: the family of chapter 8's sweeps --------------------------------------------
