@@ -114,9 +114,18 @@ def describe(model: torch.nn.Module) -> dict:
 
 def save_model(folder: str | os.PathLike, model: torch.nn.Module, card: dict) -> Path:
     """Save a trained model with its card: diffusers models with ``save_pretrained`` (a family
-    in a ModuleDict: one subfolder each), so ``from_pretrained`` loads them offline; diffkit
-    networks as ``model.safetensors``."""
+    in a ModuleDict: one subfolder each), so ``from_pretrained`` loads them offline; a model
+    with ``write_files(folder)`` (and ``read_files`` to load) writes its own files; other
+    diffkit networks as ``model.safetensors``."""
     members = _pretrained_members(model)
+    if members is None and hasattr(model, "write_files"):
+        # a model that ships in its ecosystem's own files (an adapter: diffusers' LoRA file)
+        text = _card_text(card)
+
+        def write_own(tmp: Path) -> None:
+            model.write_files(tmp)
+            (tmp / "card.json").write_text(text)
+        return _replace_folder(Path(folder), write_own)
     if members is None:
         return save(folder, model.state_dict(), card)
     text = _card_text(card)
@@ -138,7 +147,8 @@ def write_card(folder: str | os.PathLike, card: dict) -> None:
 
 def has_weights(name: str, root=None) -> bool:
     folder = checkpoint_dir(name, root)
-    return (folder / "model.safetensors").exists() or any(folder.glob("**/config.json"))
+    return ((folder / "model.safetensors").exists() or any(folder.glob("**/config.json"))
+            or any(folder.glob("*.safetensors")))       # an adapter: the ecosystem's file
 
 
 def load(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -238,7 +248,10 @@ def load_model(name: str, *, root=None, device=None) -> tuple[torch.nn.Module, d
         else:
             model = _from_pretrained(spec["class"], folder)
         return _eval(model, device), card
-    tensors, card = load(folder)
     model = build_model(card)
+    if hasattr(model, "read_files"):       # its weights are in its ecosystem's own files
+        model.read_files(folder)
+        return model.to(device or "cpu").eval(), card
+    tensors, card = load(folder)
     model.load_state_dict(tensors)
     return model.to(device or "cpu").eval(), card

@@ -45,13 +45,36 @@ def present_targets(unet, targets) -> list[str]:
     return [t for t in targets if any(lora.matches(n, t) for n in names)]
 
 
-def train_adapter(pipe, images: torch.Tensor, captions: list[str], *, kind: str = "lora",
-                  rank: int, alpha: float | None = None, targets=ATTENTION, steps: int,
-                  batch_size: int = 64, lr: float = 1e-3, caption_dropout: float = 0.1,
-                  seed: int = 0, device=None, progress: bool = False, state_path=None):
-    """Train a ``kind`` adapter of rank ``rank`` on ``targets`` of a copy of ``pipe.unet`` on the
-    scenes (images (N, 3, H, W) in [-1, 1] and captions). Returns (the EMA of the adapted UNet,
-    the ``diffkit.train.train`` result); ``pipe`` is left unchanged."""
+def concept_pipeline(device=None):
+    """The book's tiny SD with the ``shapes-vae-ft`` decoder, which can draw the concepts. Its
+    encoder is ``shapes-vae``'s, so the UNet and every adapter of it see the latents they were
+    trained on (the swap readers of SD 1.x make with ``sd-vae-ft-mse``)."""
+    from diffkit import checkpoints
+
+    pipe = sd.load_pipeline(device=device)
+    vae, _ = checkpoints.load_model("shapes-vae-ft", device=pipe.device)
+    pipe.vae = vae
+    return pipe
+
+
+def training_scenes(concept: str, n_concept: int, n_base: int, *, seed: int):
+    """(images, captions): n_concept one-object scenes of the concept and n_base one-object
+    scenes of the base world, the regularisation that keeps the base prompts as they were."""
+    from diffkit.data.shapes import make_shapes
+
+    scenes = concept_scenes(concept, n_concept, seed=seed)
+    if n_base == 0:
+        return scenes.images, scenes.captions
+    base = make_shapes(n_base, seed=seed + 1, objects=1)
+    return torch.cat([scenes.images, base.images]), scenes.captions + base.captions
+
+
+def train_attached(model, pipe, images: torch.Tensor, captions: list[str], *, steps: int,
+                   batch_size: int = 64, lr: float = 1e-3, caption_dropout: float = 0.1,
+                   seed: int = 0, device=None, progress: bool = False, state_path=None):
+    """Train the attached updates of ``model`` (a UNet, or a module called like one) with SD's
+    loss on the scenes (images (N, 3, H, W) in [-1, 1] and captions), the pipeline's VAE and
+    text encoder frozen. Returns the ``diffkit.train.train`` result (its ``ema`` the model)."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     device = device or pipe.unet.device
@@ -60,12 +83,23 @@ def train_adapter(pipe, images: torch.Tensor, captions: list[str], *, kind: str 
                                           generator=torch.Generator(pipe.vae.device)
                                           .manual_seed(seed))
     empty = tiny_sd.text_states(pipe.text_encoder, pipe.tokenizer, [""])
-    unet = copy.deepcopy(pipe.unet)   # attach to a copy, never to the caller's UNet
-    lora.attach(unet, present_targets(unet, targets), kind=kind, rank=rank, alpha=alpha)
     loss = tiny_sd.LatentDiffusionLoss(pipe.scheduler.alphas_cumprod, empty,
                                        caption_dropout=caption_dropout,
                                        target=sd.prediction_type(pipe))
-    result = train(unet, loss, (latents.cpu(), states.cpu()), steps=steps, batch_size=batch_size,
-                   lr=lr, warmup=min(50, steps // 10 + 1), seed=seed, device=device,
-                   state_path=state_path, progress=progress)
+    return train(model, loss, (latents.cpu(), states.cpu()), steps=steps, batch_size=batch_size,
+                 lr=lr, warmup=min(50, steps // 10 + 1), seed=seed, device=device,
+                 state_path=state_path, progress=progress)
+
+
+def train_adapter(pipe, images: torch.Tensor, captions: list[str], *, kind: str = "lora",
+                  rank: int, alpha: float | None = None, targets=ATTENTION, steps: int,
+                  **options):
+    """Train a ``kind`` adapter of rank ``rank`` on ``targets`` of a copy of ``pipe.unet`` on the
+    scenes (``train_attached``'s options). Returns (the EMA of the adapted UNet, the
+    ``diffkit.train.train`` result); ``pipe`` is left unchanged."""
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    unet = copy.deepcopy(pipe.unet)   # attach to a copy, never to the caller's UNet
+    lora.attach(unet, present_targets(unet, targets), kind=kind, rank=rank, alpha=alpha)
+    result = train_attached(unet, pipe, images, captions, steps=steps, **options)
     return result.ema.eval(), result

@@ -54,26 +54,28 @@ def peft_config(meta: dict):
     return LoHaConfig(r=meta["rank"], alpha=meta["alpha"], target_modules=meta["targets"])
 
 
-def save(unet, folder) -> Path:
-    """Write the UNet's attached updates to ``folder`` (replaced atomically)."""
+def write(unet, folder) -> None:
+    """Write the UNet's attached updates into the existing folder ``folder``."""
     from diffusers import StableDiffusionPipeline
 
+    meta, folder = describe(unet), Path(folder)
+    state = {k: v.contiguous() for k, v in lora.state_dict(unet).items()}
+    if meta["kind"] == "lora":
+        StableDiffusionPipeline.save_lora_weights(
+            folder, unet_lora_layers=state, weight_name=LORA_FILE,
+            unet_lora_adapter_metadata=peft_config(meta).to_dict())
+    else:
+        save_file(state, str(folder / PEFT_FILE))
+        peft_config(meta).save_pretrained(str(folder))
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def save(unet, folder) -> Path:
+    """Write the UNet's attached updates to ``folder`` (replaced atomically)."""
     from diffkit.checkpoints import _replace_folder
 
-    meta = describe(unet)
-    state = {k: v.contiguous() for k, v in lora.state_dict(unet).items()}
-
-    def write(tmp: Path) -> None:
-        if meta["kind"] == "lora":
-            StableDiffusionPipeline.save_lora_weights(
-                tmp, unet_lora_layers=state, weight_name=LORA_FILE,
-                unet_lora_adapter_metadata=peft_config(meta).to_dict())
-        else:
-            save_file(state, str(tmp / PEFT_FILE))
-            peft_config(meta).save_pretrained(str(tmp))
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-
-    return _replace_folder(Path(folder), write)
+    describe(unet)          # refuse a model without updates before touching the folder
+    return _replace_folder(Path(folder), lambda tmp: write(unet, tmp))
 
 
 def read_meta(folder, unet=None) -> dict:
@@ -121,16 +123,23 @@ def load_into(pipe, folder, adapter_name: str) -> dict:
     return meta
 
 
-def load_attached(unet, folder) -> dict:
-    """Attach diffkit's own updates to ``unet`` and fill them from a saved adapter."""
+def fill(unet, folder) -> dict:
+    """Fill the updates already attached to ``unet`` (as the adapter's record says) from a saved
+    adapter."""
     meta, folder = read_meta(folder, unet), Path(folder)
     if meta["kind"] == "lora":
         state = {k.removeprefix("unet."): v for k, v in load_file(str(folder / LORA_FILE)).items()}
     else:
         state = load_file(str(folder / PEFT_FILE))
-    lora.attach(unet, meta["targets"], kind=meta["kind"], rank=meta["rank"], alpha=meta["alpha"])
     lora.load_state_dict(unet, {k: v.to(unet.device) for k, v in state.items()})
     return meta
+
+
+def load_attached(unet, folder) -> dict:
+    """Attach diffkit's own updates to ``unet`` and fill them from a saved adapter."""
+    meta = read_meta(folder, unet)
+    lora.attach(unet, meta["targets"], kind=meta["kind"], rank=meta["rank"], alpha=meta["alpha"])
+    return fill(unet, folder)
 
 
 def file_size(folder) -> int:

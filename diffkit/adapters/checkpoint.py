@@ -1,0 +1,39 @@
+"""An adapter of a shipped UNet as a checkpoint of the book: ``checkpoints/NAME`` holds the
+adapter in the files the ecosystem loads (:mod:`diffkit.adapters.lora_io`: diffusers'
+``pytorch_lora_weights.safetensors`` for LoRA / LoCon, peft's files for LoHa) and the card; no
+copy of the base model. ``diffkit.checkpoints.load_model(NAME)`` rebuilds it: the base
+pipeline's UNet with the updates attached and filled from those files.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from diffkit.adapters import lora, lora_io
+
+
+class UNetAdapter(torch.nn.Module):
+    """The UNet of the shipped pipeline ``base`` with a ``kind`` update of rank ``rank`` on
+    ``targets`` (peft's rule); called like the UNet. The base stays frozen; the factors train."""
+
+    def __init__(self, base: str, kind: str, rank: int, targets: list[str],
+                 alpha: float | None = None):
+        from diffkit import checkpoints
+
+        super().__init__()
+        pipe, _ = checkpoints.load_model(base)
+        self.unet = copy.deepcopy(pipe.unet)
+        lora.attach(self.unet, list(targets), kind=kind, rank=rank, alpha=alpha)
+        self.config = dict(base=base, kind=kind, rank=rank, targets=list(targets),
+                           alpha=rank if alpha is None else alpha)
+
+    def forward(self, *args, **kwargs):
+        return self.unet(*args, **kwargs)
+
+    def write_files(self, folder) -> None:
+        lora_io.write(self.unet, folder)
+
+    def read_files(self, folder) -> None:
+        lora_io.fill(self.unet, folder)
