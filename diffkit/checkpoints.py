@@ -148,7 +148,7 @@ def write_card(folder: str | os.PathLike, card: dict) -> None:
 def has_weights(name: str, root=None) -> bool:
     folder = checkpoint_dir(name, root)
     return ((folder / "model.safetensors").exists() or any(folder.glob("**/config.json"))
-            or any(folder.glob("*.safetensors")))       # an adapter: the ecosystem's file
+            or any(folder.glob("**/*.safetensors")))    # adapters: the ecosystem's files
 
 
 def load(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

@@ -64,3 +64,36 @@ def test_concept_pipeline_decodes_with_the_fine_tuned_decoder():
 def test_report_refuses_an_unknown_concept():
     with pytest.raises(ValueError, match="concept must be one of"):
         lora_probes.report(None, None, "purple", n=2, steps=2, guidance_scale=3.0)
+
+
+def test_the_sweep_trains_traces_and_measures_every_member(tmp_path, monkeypatch):
+    from diffkit.recipes import lora as R
+
+    monkeypatch.setitem(R.LORA_HYPER, "concept_scenes", 16)
+    monkeypatch.setitem(R.LORA_HYPER, "base_scenes", 16)
+    monkeypatch.setattr(R, "SWEEP_RANKS", (1, 2))
+    monkeypatch.setattr(R, "ADAPTERS", {"ring": R.ADAPTERS["ring"]})
+    monkeypatch.setattr(R, "TRACE_EVERY", 2)
+    monkeypatch.setattr(R, "TRACE_N", 3)
+    monkeypatch.setattr(R, "SWEEP_MEASURE_N", 3)
+    monkeypatch.setattr(R, "_sampling", lambda: dict(steps=2, guidance_scale=3.0,
+                                                     sampler="dpmpp_2m"))
+    card = recipes.run("shapes-lora-sweep", root=tmp_path, steps=4, progress=False,
+                       device="cpu")
+    names = {f"ring-{k}-r{r}" for k in ("lora", "locon", "loha") for r in (1, 2)}
+    assert set(card["measured"]) == names == set(card["hyperparameters"]["training"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes-lora-sweep"]
+    for name, figures in card["measured"].items():
+        trace = card["hyperparameters"]["training"][name]["concept_trace"]
+        assert trace["steps"] == [2, 4] and all(0 <= a <= 1 for a in trace["concept"])
+        assert figures["trainable_parameters"] > 0 and figures["file_bytes"] > 0
+    m = card["measured"]
+    # the counts the formulas give: rank doubles the factors; LoHa has two pairs per layer
+    assert m["ring-lora-r2"]["trainable_parameters"] == 2 * m["ring-lora-r1"]["trainable_parameters"]
+    assert m["ring-loha-r1"]["trainable_parameters"] == 2 * m["ring-locon-r1"]["trainable_parameters"]
+    assert m["ring-locon-r1"]["trainable_parameters"] > m["ring-lora-r1"]["trainable_parameters"]
+    family, _ = checkpoints.load_model("shapes-lora-sweep", root=tmp_path)
+    folder = tmp_path / "shapes-lora-sweep" / "ring-loha-r2"
+    assert lora_io.read_meta(folder)["kind"] == "loha"
+    assert lora_io.file_size(folder) == m["ring-loha-r2"]["file_bytes"]
+    assert set(family.members) == names

@@ -451,10 +451,29 @@ def test_shapes_lora_ring_live(shipped_model):
     assert measured["damage"] <= RING_DAMAGE_GUARD, measured
 
 
+def test_shapes_lora_sweep_live(shipped_model):
+    # the sweep's widest gap, live on n = 50 held-out ring prompts: LoCon r4 draws the ring
+    # (card, N = 100: 0.99), LoRA r1 on attention does not (0.07)
+    from diffkit.adapters import finetune
+    from diffkit.eval import lora_probes, sd_probes
+
+    family, card = shipped_model("shapes-lora-sweep")
+    pipe = finetune.concept_pipeline("cpu")
+    prompts = lora_probes.concept_prompts("ring", 50)
+    read = {}
+    for name in ("ring-locon-r4", "ring-lora-r1"):
+        with lora_probes.using_unet(pipe, family.members[name].unet):
+            drawn = sd_probes.generate(pipe, prompts.captions, steps=20, guidance_scale=3.0)
+        read[name] = lora_probes.concept_figures("ring", prompts, drawn)["concept"]
+    assert read["ring-locon-r4"] >= LORA_CONCEPT_BAR and read["ring-lora-r1"] <= 0.3, read
+    assert len(card["measured"]) == 24
+
+
 def test_every_shipped_model_is_measured_live_here():
     # a new recipe needs its live re-measurement in this file
     measured_here = {"toy2d-ddpm", "digits-judge", "digits-ddpm", "digits-ddpm-cosine",
                      "digits-cond-ddpm", "digits-classifier-noisy", "shapes-clip", "shapes-blip",
                      "shapes-vae", "shapes-vae-ft", "patches-vae", "shapes-sd", "shapes-controlnet",
-                     "shapes-t2i-adapter", "shapes-lora-orange", "shapes-lora-ring"}
+                     "shapes-t2i-adapter", "shapes-lora-orange", "shapes-lora-ring",
+                     "shapes-lora-sweep"}
     assert set(recipes.RECIPES) == measured_here

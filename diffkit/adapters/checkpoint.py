@@ -8,6 +8,7 @@ pipeline's UNet with the updates attached and filled from those files.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 
@@ -37,3 +38,22 @@ class UNetAdapter(torch.nn.Module):
 
     def read_files(self, folder) -> None:
         lora_io.fill(self.unet, folder)
+
+
+class AdapterFamily(torch.nn.Module):
+    """Several ``UNetAdapter`` of one base as one checkpoint, a subfolder per member (a sweep)."""
+
+    def __init__(self, members: dict[str, dict]):
+        super().__init__()
+        self.members = torch.nn.ModuleDict({name: UNetAdapter(**spec)
+                                            for name, spec in members.items()})
+        self.config = dict(members={name: m.config for name, m in self.members.items()})
+
+    def write_files(self, folder) -> None:
+        for name, member in self.members.items():
+            (Path(folder) / name).mkdir()
+            member.write_files(Path(folder) / name)
+
+    def read_files(self, folder) -> None:
+        for name, member in self.members.items():
+            member.read_files(Path(folder) / name)

@@ -71,7 +71,8 @@ def training_scenes(concept: str, n_concept: int, n_base: int, *, seed: int):
 
 def train_attached(model, pipe, images: torch.Tensor, captions: list[str], *, steps: int,
                    batch_size: int = 64, lr: float = 1e-3, caption_dropout: float = 0.1,
-                   seed: int = 0, device=None, progress: bool = False, state_path=None):
+                   seed: int = 0, device=None, progress: bool = False, state_path=None,
+                   callback=None):
     """Train the attached updates of ``model`` (a UNet, or a module called like one) with SD's
     loss on the scenes (images (N, 3, H, W) in [-1, 1] and captions), the pipeline's VAE and
     text encoder frozen. Returns the ``diffkit.train.train`` result (its ``ema`` the model)."""
@@ -88,7 +89,7 @@ def train_attached(model, pipe, images: torch.Tensor, captions: list[str], *, st
                                        target=sd.prediction_type(pipe))
     return train(model, loss, (latents.cpu(), states.cpu()), steps=steps, batch_size=batch_size,
                  lr=lr, warmup=min(50, steps // 10 + 1), seed=seed, device=device,
-                 state_path=state_path, progress=progress)
+                 state_path=state_path, progress=progress, callback=callback)
 
 
 def train_adapter(pipe, images: torch.Tensor, captions: list[str], *, kind: str = "lora",
