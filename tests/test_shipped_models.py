@@ -20,7 +20,7 @@ with NAME, KW and SEEDS as given at each test. The seed of each test is the card
 import pytest
 import torch
 
-from diffkit import data, recipes
+from diffkit import checkpoints, data, recipes
 from diffkit.data.shapes import make_shapes
 from diffkit.eval import blip_probes, digits, distributions, metrics
 from diffkit.nn.classifiers import DigitsJudge, NoisyDigitsClassifier
@@ -449,6 +449,36 @@ def test_shapes_lora_ring_live(shipped_model):
     assert measured["concept_adapted"] >= LORA_CONCEPT_BAR, measured
     assert measured["concept_base"] < 0.2, measured        # nor a ring
     assert measured["damage"] <= RING_DAMAGE_GUARD, measured
+
+
+@pytest.mark.parametrize("concept", ["orange", "ring"])
+def test_shipped_adapters_plug_into_diffusers_own_pipeline(shipped_card, concept):
+    # the README's four lines, with diffusers' own calls only: the concept appears with the
+    # adapter loaded (n = 40: the card's mean is > 5 binomial sd above the bar) and is gone,
+    # image for image, once it is unloaded
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    from diffkit.eval import lora_probes
+
+    shipped_card(f"shapes-lora-{concept}")
+    root = checkpoints.ROOT
+    pipe = StableDiffusionPipeline.from_pretrained(root / "shapes-sd")
+    pipe.vae = AutoencoderKL.from_pretrained(root / "shapes-vae-ft")
+    pipe.set_progress_bar_config(disable=True)
+    prompts = lora_probes.concept_prompts(concept, 40)
+
+    def draw():
+        return pipe(prompts.captions, num_inference_steps=20, guidance_scale=3.0,
+                    generator=torch.Generator().manual_seed(0), output_type="pt").images * 2 - 1
+
+    base = draw()
+    pipe.load_lora_weights(root / f"shapes-lora-{concept}")
+    adapted = lora_probes.concept_figures(concept, prompts, draw())["concept"]
+    pipe.unload_lora_weights()
+    unloaded = draw()
+    assert adapted >= LORA_CONCEPT_BAR > lora_probes.concept_figures(concept, prompts,
+                                                                     base)["concept"]
+    assert (unloaded - base).abs().max() <= 1e-6
 
 
 def test_shapes_lora_sweep_live(shipped_model):
