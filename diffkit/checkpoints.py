@@ -147,8 +147,8 @@ def write_card(folder: str | os.PathLike, card: dict) -> None:
 
 def has_weights(name: str, root=None) -> bool:
     folder = checkpoint_dir(name, root)
-    return ((folder / "model.safetensors").exists() or any(folder.glob("**/config.json"))
-            or any(folder.glob("**/*.safetensors")))    # adapters: the ecosystem's files
+    # model.safetensors, a diffusers folder, or an adapter's own files
+    return any(folder.glob("**/*.safetensors")) or any(folder.glob("**/config.json"))
 
 
 def load(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

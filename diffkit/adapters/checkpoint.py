@@ -33,6 +33,11 @@ class UNetAdapter(torch.nn.Module):
     def forward(self, *args, **kwargs):
         return self.unet(*args, **kwargs)
 
+    def factor_count(self) -> int:
+        """The numbers the adapter trains (its factors; frozen or not, as in an EMA copy)."""
+        return sum(p.numel() for update in lora.updates(self.unet).values()
+                   for p in update.parameters())
+
     def write_files(self, folder) -> None:
         lora_io.write(self.unet, folder)
 

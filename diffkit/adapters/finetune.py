@@ -98,8 +98,6 @@ def train_adapter(pipe, images: torch.Tensor, captions: list[str], *, kind: str 
     """Train a ``kind`` adapter of rank ``rank`` on ``targets`` of a copy of ``pipe.unet`` on the
     scenes (``train_attached``'s options). Returns (the EMA of the adapted UNet, the
     ``diffkit.train.train`` result); ``pipe`` is left unchanged."""
-    if len(images) != len(captions):
-        raise ValueError(f"{len(images)} images but {len(captions)} captions")
     unet = copy.deepcopy(pipe.unet)   # attach to a copy, never to the caller's UNet
     lora.attach(unet, present_targets(unet, targets), kind=kind, rank=rank, alpha=alpha)
     result = train_attached(unet, pipe, images, captions, steps=steps, **options)

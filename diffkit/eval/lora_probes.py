@@ -53,18 +53,15 @@ def report(pipe, unet, concept: str, *, n: int, steps: int, guidance_scale: floa
     settings = dict(steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed)
     prompts = concept_prompts(concept, n, seed=seed)
     base_prompts = sd_probes.prompt_scenes(n, 1, seed=seed + 1)
-    out = {}
+    out, base_drawn = {}, {}
     for label, model in (("base", pipe.unet), ("adapted", unet)):
         with using_unet(pipe, model):
             drawn = sd_probes.generate(pipe, prompts.captions, **settings)
             out.update({f"{k}_{label}": v for k, v in concept_figures(concept, prompts,
                                                                        drawn).items()})
-            out[f"base_prompts_{label}"] = sd_probes.generate(pipe, base_prompts.captions,
-                                                              **settings)
-    gap = sd_probes.paired_gap(base_prompts, out["base_prompts_base"],
-                               out["base_prompts_adapted"])
-    for label in ("base", "adapted"):
-        out[f"base_colour_shape_{label}"] = judge_accuracy(
-            base_prompts, out.pop(f"base_prompts_{label}"))["colour_shape"]
+            base_drawn[label] = sd_probes.generate(pipe, base_prompts.captions, **settings)
+        out[f"base_colour_shape_{label}"] = judge_accuracy(base_prompts,
+                                                           base_drawn[label])["colour_shape"]
+    gap = sd_probes.paired_gap(base_prompts, base_drawn["base"], base_drawn["adapted"])
     out.update(damage=gap["gap"], damage_se=gap["se"])
     return {k: round(float(v), 4) for k, v in out.items()} | {"n": n, "seed": seed}

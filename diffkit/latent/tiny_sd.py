@@ -78,13 +78,12 @@ def text_states(text_encoder, tokenizer, captions: list[str], *, batch: int = 10
     """Per-token states (N, L, D) of the captions, padded to the tokenizer's length. A caption
     longer than that is refused (training on a silently cut caption teaches the wrong words)."""
     limit = tokenizer.model_max_length
-    pieces = tokenizer(list(captions)).input_ids
+    pieces = tokenizer(list(captions), padding="max_length", max_length=limit).input_ids
     longest = max(range(len(pieces)), key=lambda i: len(pieces[i]), default=None)
     if longest is not None and len(pieces[longest]) > limit:
         raise ValueError(f"captions must fit the tokenizer's {limit} tokens; "
                          f"{captions[longest]!r} takes {len(pieces[longest])}")
-    ids = tokenizer(list(captions), padding="max_length", max_length=limit,
-                    return_tensors="pt").input_ids.to(text_encoder.device)
+    ids = torch.tensor(pieces, dtype=torch.long).to(text_encoder.device)
     return torch.cat([text_encoder(chunk)[0] for chunk in ids.split(batch)])
 
 

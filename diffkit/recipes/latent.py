@@ -17,7 +17,7 @@ from diffkit.data.patches import natural_patches
 from diffkit.data.shapes import ALL_COLOURS, ALL_SHAPES, make_shapes
 from diffkit.eval import vae_probes
 from diffkit.latent import vae as V
-from diffkit.recipes.registry import SEED, recipe
+from diffkit.recipes.registry import SEED, member_state_path, recipe
 from diffkit.train import TrainResult, train
 
 SHAPES_TRAIN_SEED = 808
@@ -25,12 +25,6 @@ PATCHES_TRAIN_SEED = 809
 SHAPES_VAE = dict(latent_channels=4)
 SHAPES_HYPER = dict(pool=20_000, batch_size=64, lr=2e-3, ema_decay=0.999, warmup=200,
                     kl_weight=1e-6, mse_weight=1.0)
-
-
-def _member_path(state_path, member: str):
-    if state_path is None:
-        return None
-    return state_path.with_name(state_path.name.replace(".state", f".{member}.state"))
 
 
 def _fit(vae_or_model, loss, pool, steps, device, state_path, progress, hyper, **extra):
@@ -138,7 +132,7 @@ def patches_vae(steps, device, state_path, progress):
         loss = functools.partial(V.vae_loss, kl_weight=spec["kl_weight"],
                                  mse_weight=hyper["mse_weight"])
         results[name] = _fit(V.make_vae(**arch), loss, pool, steps, device,
-                             _member_path(state_path, name), progress, hyper)
+                             member_state_path(state_path, name), progress, hyper)
         members[name] = results[name].ema
     extra = max(1, round(hyper["finetune_fraction"] * steps))
     tune = {**hyper, "lr": hyper["finetune_lr"], "warmup": 1}
@@ -150,7 +144,7 @@ def patches_vae(steps, device, state_path, progress):
         model = V.AdversarialVAE(vae, V.PatchDiscriminator())
         loss = functools.partial(V.adversarial_vae_loss, kl_weight=1e-6,
                                  mse_weight=hyper["mse_weight"], adversarial_weight=weight)
-        results[name] = _fit(model, loss, pool, extra, device, _member_path(state_path, name),
+        results[name] = _fit(model, loss, pool, extra, device, member_state_path(state_path, name),
                              progress, tune, lr_schedule="constant")
         members[name] = results[name].ema.vae
     for vae in members.values():   # every member's own factor, as for shapes-vae

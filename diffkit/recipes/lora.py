@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from diffkit.adapters import finetune, lora, lora_io
+from diffkit.adapters import finetune, lora_io
 from diffkit.adapters.checkpoint import AdapterFamily, UNetAdapter
 from diffkit.eval import lora_probes, sd_probes
-from diffkit.recipes.registry import SEED, recipe
+from diffkit.recipes.registry import SEED, member_state_path, recipe
 from diffkit.recipes.sd import RECOMMENDED
 from diffkit.train import TrainResult
 
@@ -50,10 +50,8 @@ def _options() -> dict:
 def _quality(concept: str):
     def measure(adapter, device, *, n: int = MEASURE_N) -> dict:
         pipe = finetune.concept_pipeline(device)
-        figures = lora_probes.report(
-            pipe, adapter.unet.to(device), concept, n=n,
-            steps=RECOMMENDED["num_inference_steps"],
-            guidance_scale=RECOMMENDED["guidance_scale"], sampler=RECOMMENDED["scheduler"])
+        figures = lora_probes.report(pipe, adapter.unet.to(device), concept, n=n,
+                                     **_sampling())
         return {**figures, **RECOMMENDED}
     return measure
 
@@ -74,7 +72,7 @@ def _register(concept: str, spec: dict) -> None:
         result = finetune.train_attached(adapter.to(device), pipe, images, captions,
                                          steps=steps, seed=SEED, device=device,
                                          state_path=state_path, progress=progress, **_options())
-        trainable = sum(p.numel() for p in adapter.parameters() if p.requires_grad)
+        trainable = adapter.factor_count()
         return result, {**LORA_HYPER, **spec, "concept": concept,
                         "target_modules": list(adapter.config["targets"]),
                         "trainable_parameters": trainable, "train_seed": LORA_TRAIN_SEED,
@@ -129,8 +127,7 @@ def sweep_quality(family, device, *, n: int = SWEEP_MEASURE_N) -> dict:
         concept = name.split("-")[0]
         figures = lora_probes.report(pipe, adapter.unet.to(device), concept, n=n,
                                      **_sampling())
-        trainable = sum(p.numel() for update in lora.updates(adapter.unet).values()
-                        for p in update.parameters())
+        trainable = adapter.factor_count()
         with tempfile.TemporaryDirectory() as tmp:   # the size of the file diffusers loads
             size = lora_io.file_size(lora_io.save(adapter.unet, Path(tmp) / name))
         out[name] = {**figures, "trainable_parameters": trainable, "file_bytes": size}
@@ -150,17 +147,14 @@ def shapes_lora_sweep(steps, device, state_path, progress):
             concept, LORA_HYPER["concept_scenes"], LORA_HYPER["base_scenes"],
             seed=LORA_TRAIN_SEED)
         trace, seconds = {"steps": [], "concept": []}, {"trace": 0.0}
-        member_state = None if state_path is None else state_path.with_name(
-            state_path.name.replace(".state", f".{name}.state"))
         result = finetune.train_attached(
             adapter.to(device), pipe, images, captions, steps=steps, seed=SEED, device=device,
-            state_path=member_state, progress=progress,
+            state_path=member_state_path(state_path, name), progress=progress,
             callback=_trace(pipe, adapter, concept, trace, seconds), **_options())
         family.members[name] = result.ema.eval()
         training[name] = {"train_seconds": round(result.wall_time - seconds["trace"], 1),
                           "concept_trace": trace}
         results.append(result)
-    family.config = dict(members={n: m.config for n, m in family.members.items()})
     return (TrainResult(family, family, results[0].losses, steps,
                         sum(r.wall_time for r in results), results[0].resumed_from),
             {**LORA_HYPER, "kinds": SWEEP_KINDS, "ranks": list(SWEEP_RANKS),

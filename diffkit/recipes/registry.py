@@ -51,6 +51,14 @@ def recipe(name: str, description: str, steps: int, measure: Callable, *,
     return register
 
 
+def member_state_path(state_path, member: str):
+    """The training state of one member of a family recipe (NAME.MEMBER.state.safetensors,
+    which ``run`` deletes with the recipe's own), or None without a state path."""
+    if state_path is None:
+        return None
+    return state_path.with_name(state_path.name.replace(".state", f".{member}.state"))
+
+
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
 
