@@ -3,14 +3,11 @@
 Speed is measured here, never asserted in tests. Each comparison runs its baseline in the same
 process, on the same model and inputs, and is reported as a ratio, so the figure means the same
 on a laptop and on CI. Names: ``train-throughput`` (every recipe's steps per second and projected
-training time on this machine), ``ddpm-sampling`` (the 1000-step ancestral loop with
-``ddpm.p_step`` vs diffusers' ``DDPMScheduler`` loop on the same network), ``samplers`` (Euler,
-Euler-ancestral, Heun, DPM-Solver++(2M) and DDIM at equal NFE vs diffusers' scheduler loops),
-``latent`` (one training step of the same UNet on 3 x 32 x 32 pixels vs 4 x 8 x 8 latents: time,
-FLOPs and activation memory, pixel over latent), ``sd`` (images per second of the tiny Stable
-Diffusion, and diffkit's text-to-image loop vs ``StableDiffusionPipeline.__call__`` on the same
-model, prompts, steps and batch) and ``control`` (``shapes-controlnet`` and ``shapes-t2i-adapter``
-against prompt-only sampling, as time ratios).
+training time), ``ddpm-sampling`` (the 1000-step ancestral loop vs diffusers' ``DDPMScheduler``),
+``samplers`` (Euler, Euler-ancestral, Heun, DPM-Solver++(2M), DDIM at equal NFE vs diffusers'
+loops), ``latent`` (a training step on pixels vs latents: time, FLOPs, activation memory), ``sd``
+(the tiny SD: diffkit's loop vs ``StableDiffusionPipeline.__call__``), ``control`` (the control
+models over prompt-only sampling) and ``lora`` (LoRA, LoCon, LoHa: training step, UNet call).
 """
 
 from __future__ import annotations
@@ -264,6 +261,14 @@ def control(device: torch.device, quick: bool) -> dict:
     models = {n: checkpoints.load_model(n, device=device)[0] for n in CONTROL_CHECKPOINTS}
     return sampling_cost(base_pipeline(device), models, batch=4 if quick else 100,
                          repeats=1 if quick else 3, timer=timed, **SAMPLING)
+
+
+@bench
+def lora(device: torch.device, quick: bool) -> dict:
+    """Time cost of chapter 11's adapter kinds (:mod:`diffkit.eval.adapter_cost`)."""
+    from diffkit.eval.adapter_cost import adapter_cost
+
+    return adapter_cost(device, batch=4 if quick else 64, repeats=1 if quick else 10, timer=timed)
 
 
 def main(argv=None) -> int:
