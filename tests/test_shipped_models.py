@@ -500,10 +500,12 @@ def test_shapes_lora_sweep_live(shipped_model):
 
 
 def test_every_shipped_model_is_measured_live_here():
-    # a new recipe needs its live re-measurement in this file
+    # a new recipe needs its live re-measurement in this file (chapter 12's are in
+    # test_shipped_personalize.py)
     measured_here = {"toy2d-ddpm", "digits-judge", "digits-ddpm", "digits-ddpm-cosine",
                      "digits-cond-ddpm", "digits-classifier-noisy", "shapes-clip", "shapes-blip",
                      "shapes-vae", "shapes-vae-ft", "patches-vae", "shapes-sd", "shapes-controlnet",
                      "shapes-t2i-adapter", "shapes-lora-orange", "shapes-lora-ring",
-                     "shapes-lora-sweep"}
+                     "shapes-lora-sweep", "shapes-dreambooth-orange", "shapes-dreambooth-ring",
+                     "shapes-ti-orange", "shapes-ti-ring"}
     assert set(recipes.RECIPES) == measured_here
