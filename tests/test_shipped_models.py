@@ -507,5 +507,5 @@ def test_every_shipped_model_is_measured_live_here():
                      "shapes-vae", "shapes-vae-ft", "patches-vae", "shapes-sd", "shapes-controlnet",
                      "shapes-t2i-adapter", "shapes-lora-orange", "shapes-lora-ring",
                      "shapes-lora-sweep", "shapes-dreambooth-orange", "shapes-dreambooth-ring",
-                     "shapes-ti-orange", "shapes-ti-ring"}
+                     "shapes-ti-orange", "shapes-ti-ring", "shapes-lora-fewshot"}
     assert set(recipes.RECIPES) == measured_here

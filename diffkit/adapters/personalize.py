@@ -94,7 +94,8 @@ def train_dreambooth(pipe, images: torch.Tensor, captions: list[str], *, steps: 
                      caption_dropout: float = 0.1, seed: int = 0, device=None,
                      progress: bool = False, state_path=None, callback=None, unet=None):
     """Fine-tune a copy of ``pipe.unet`` (or ``unet``, a copy the caller holds, e.g. to sample
-    with the live weights in ``callback``) on the instance images (N, 3, H, W) in [-1, 1] and
+    with the live weights in ``callback``, trained as its ``requires_grad`` flags say: with
+    LoRA factors attached, only those) on the instance images (N, 3, H, W) in [-1, 1] and
     their captions, with prior preservation on the class images and captions when
     ``prior_weight`` > 0 (each step: ``batch_size`` instance and as many class examples).
     Returns (the EMA of the fine-tuned UNet, the ``diffkit.train.train`` result); ``pipe`` is
@@ -127,7 +128,9 @@ def train_dreambooth(pipe, images: torch.Tensor, captions: list[str], *, steps: 
         loss = PriorPreservationLoss(loss, prior_weight)
     if unet is pipe.unet:
         raise ValueError("unet must be a copy of pipe.unet, not the pipeline's own")
-    unet = (unet if unet is not None else copy.deepcopy(pipe.unet)).requires_grad_(True).train()
+    if unet is None:            # the whole UNet trains; a caller's copy keeps its own flags
+        unet = copy.deepcopy(pipe.unet).requires_grad_(True)   # (LoRA factors: DreamBooth-LoRA)
+    unet.train()
     result = train(unet, loss, data, steps=steps, batch_size=batch_size, lr=lr,
                    warmup=min(50, steps // 10 + 1), seed=seed, device=device,
                    state_path=state_path, progress=progress, callback=callback)

@@ -1,6 +1,7 @@
-"""Recipes of chapter 12: ``shapes-dreambooth-orange`` / ``-ring`` and ``shapes-ti-orange`` /
-``-ring``, the LoRA chapter's two concepts taught to ``shapes-sd`` from five instance images each
-(:mod:`diffkit.eval.personalize_probes` names the subjects and measures them).
+"""Recipes of chapter 12: ``shapes-dreambooth-orange`` / ``-ring``, ``shapes-ti-orange`` /
+``-ring`` and ``shapes-lora-fewshot`` (the comparison's LoRA): the LoRA chapter's two concepts
+taught to ``shapes-sd`` from five instance images each (:mod:`diffkit.eval.personalize_probes`
+names the subjects and measures them).
 
 * DreamBooth fine-tunes the whole UNet; the checkpoint is a pair of diffusers
   ``UNet2DConditionModel`` folders, ``with-prior`` (prior preservation on 200 class images that
@@ -99,7 +100,7 @@ def _register_dreambooth(concept: str) -> None:
         options = {k: DREAMBOOTH_HYPER[k] for k in ("batch_size", "lr", "caption_dropout")}
         members, traces, results = torch.nn.ModuleDict(), {}, []
         for label, weight in PRIOR_MEMBERS.items():
-            live = copy.deepcopy(pipe.unet)
+            live = copy.deepcopy(pipe.unet).requires_grad_(True)
             traces[label] = {"steps": [], "fidelity": [], "seconds": []}
             callback = _tracer(concept, "dreambooth",
                                lambda live=live: P.pipeline_with(pipe, unet=live), traces[label])
@@ -160,3 +161,59 @@ def _register_ti(concept: str) -> None:
 for _concept in personalize_probes.SUBJECTS:
     _register_dreambooth(_concept)
     _register_ti(_concept)
+
+
+# --- shapes-lora-fewshot: the LoRA chapter's adapters, trained as DreamBooth is -----------------
+# The same five images, captions, class data, prior weight, batch and steps as the DreamBooth
+# recipes, with only the factors of the shipped adapters' kind trained (DreamBooth-LoRA), so that
+# chapter 12 compares a full fine-tune with a small plug-in on equal terms.
+
+FEWSHOT_LR = 1e-3           # the LoRA chapter's learning rate (the factors start at zero)
+
+
+def _fewshot_quality(family, device, *, n: int = MEASURE_N) -> dict:
+    pipe = finetune.concept_pipeline(device)
+    return {concept: personalize_probes.report(
+                pipe, P.pipeline_with(pipe, unet=adapter.unet.to(device)), concept,
+                "dreambooth", n=n, **sampling())
+            for concept, adapter in family.members.items()} | RECOMMENDED
+
+
+@recipe("shapes-lora-fewshot", "the shipped adapters' kinds (LoRA r4 for orange, LoCon r4 for the "
+        "ring) trained on DreamBooth's five images with its prior preservation (chapter 12)",
+        STEPS, _fewshot_quality)
+def shapes_lora_fewshot(steps, device, state_path, progress):
+    from diffkit.adapters.checkpoint import AdapterFamily
+    from diffkit.recipes.lora import ADAPTERS, TARGETS
+
+    pipe = finetune.concept_pipeline(device)
+    family = AdapterFamily({concept: dict(
+        base="shapes-sd", kind=ADAPTERS[concept]["kind"], rank=ADAPTERS[concept]["rank"],
+        targets=finetune.present_targets(pipe.unet, TARGETS[ADAPTERS[concept]["targets"]]))
+        for concept in personalize_probes.SUBJECTS})
+    options = {k: DREAMBOOTH_HYPER[k] for k in ("batch_size", "caption_dropout")}
+    traces, results = {}, []
+    for concept, adapter in family.members.items():
+        instances = personalize_probes.instance_scenes(concept)
+        captions = [personalize_probes.dreambooth_caption(concept, t) for t in instances.captions]
+        class_captions, class_images = class_data(pipe, concept)
+        live = adapter.unet.to(device)
+        traces[concept] = {"steps": [], "fidelity": [], "seconds": []}
+        callback = _tracer(concept, "dreambooth", lambda live=live: P.pipeline_with(
+            pipe, unet=live), traces[concept])
+        adapter.unet, result = P.train_dreambooth(
+            pipe, instances.images, captions, steps=steps, class_images=class_images,
+            class_captions=class_captions, prior_weight=DREAMBOOTH_HYPER["prior_weight"],
+            lr=FEWSHOT_LR, seed=SEED, device=device,
+            state_path=member_state_path(state_path, concept), progress=progress,
+            callback=callback, unet=live, **options)
+        results.append(result)
+    hyper = {**DREAMBOOTH_HYPER, "lr": FEWSHOT_LR, "adapters": {
+                 c: {**ADAPTERS[c], "trainable_parameters": m.factor_count()}
+                 for c, m in family.members.items()},
+             "trace": traces, "train_seconds": {
+                 c: round(r.wall_time, 1) for c, r in zip(family.members, results)},
+             "identifier": personalize_probes.IDENTIFIER,
+             "train_seed": PERSONAL_TRAIN_SEED, "vae": "shapes-vae-ft", "base": "shapes-sd"}
+    return (TrainResult(family, family, results[0].losses, steps,
+                        sum(r.wall_time for r in results), results[0].resumed_from), hyper)
