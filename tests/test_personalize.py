@@ -124,3 +124,22 @@ def test_dreambooth_bad_input(untrained_tiny_sd):
         P.train_dreambooth(pipe, images, captions, steps=1, prior_weight=0, unet=pipe.unet)
     with pytest.raises(ValueError, match="has no parts"):
         P.pipeline_with(pipe, controlnet=None)
+
+
+def test_dreambooth_can_train_the_text_encoder_too(untrained_tiny_sd):
+    pipe = untrained_tiny_sd
+    encoder_before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    images, captions = _instances("orange", "dreambooth")
+    classes = PP.class_scenes("orange", 8, seed=3)
+    model, result = P.train_dreambooth(pipe, images, captions, steps=3, batch_size=2,
+                                       class_images=classes.images,
+                                       class_captions=classes.captions, prior_weight=0.5,
+                                       lr=1e-3, train_text_encoder=True)
+    assert isinstance(model, P.UNetAndText) and len(result.losses) == 3
+    moved = [k for k, v in model.text_encoder.state_dict().items()
+             if not torch.equal(v, encoder_before[k])]
+    assert len(moved) > len(encoder_before) // 2               # the encoder trained
+    for key, value in pipe.text_encoder.state_dict().items():  # the caller's did not
+        assert torch.equal(value, encoder_before[key])
+    personal = P.pipeline_with(pipe, unet=model.unet, text_encoder=model.text_encoder)
+    assert personal.text_encoder is model.text_encoder is not pipe.text_encoder

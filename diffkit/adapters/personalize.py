@@ -1,10 +1,11 @@
 """DreamBooth and Textual Inversion: teaching a pipeline one subject from a few images.
 
-* DreamBooth (Ruiz et al. 2023) fine-tunes the whole UNet on 3-5 images of the subject whose
-  captions bind a rare identifier to the subject's class ("a large red sks circle in the
-  centre"), with the prior-preservation loss: the same loss on images that the *base* model draws
-  for the class prompts ("a large red circle in the centre"), weighted by lambda, so that the
-  class keeps its meaning while the identifier takes the subject's,
+* DreamBooth (Ruiz et al. 2023) fine-tunes the whole UNet (optionally the text encoder too) on
+  3-5 images of the subject whose captions bind a rare identifier to the subject's class ("a
+  large red sks circle in the centre"), with the prior-preservation loss: the same loss on
+  images that the *base* model draws for the class prompts ("a large red circle in the
+  centre"), weighted by lambda, so that the class keeps its meaning while the identifier takes
+  the subject's,
 
       L = E ||eps - eps_theta(z_t, t, c_instance)||^2
           + lambda E ||eps' - eps_theta(z'_t', t', c_class)||^2.
@@ -92,14 +93,18 @@ def train_dreambooth(pipe, images: torch.Tensor, captions: list[str], *, steps: 
                      class_images: torch.Tensor | None = None, class_captions=None,
                      prior_weight: float = 1.0, batch_size: int = 4, lr: float = 2e-4,
                      caption_dropout: float = 0.1, seed: int = 0, device=None,
-                     progress: bool = False, state_path=None, callback=None, unet=None):
+                     progress: bool = False, state_path=None, callback=None, unet=None,
+                     train_text_encoder: bool = False):
     """Fine-tune a copy of ``pipe.unet`` (or ``unet``, a copy the caller holds, e.g. to sample
     with the live weights in ``callback``, trained as its ``requires_grad`` flags say: with
     LoRA factors attached, only those) on the instance images (N, 3, H, W) in [-1, 1] and
     their captions, with prior preservation on the class images and captions when
     ``prior_weight`` > 0 (each step: ``batch_size`` instance and as many class examples).
     Returns (the EMA of the fine-tuned UNet, the ``diffkit.train.train`` result); ``pipe`` is
-    left unchanged."""
+    left unchanged. ``train_text_encoder``: a copy of the text encoder trains too (the paper's
+    option), the text states recomputed at every step; the result's model is then a
+    ``UNetAndText`` (``.unet``, ``.text_encoder``). A dropped caption is replaced by the frozen
+    encoder's empty-prompt states either way."""
     _check_instances(images, captions)
     prior_weight = _check_weight(prior_weight)
     if prior_weight > 0 and (class_images is None or class_captions is None
@@ -113,10 +118,14 @@ def train_dreambooth(pipe, images: torch.Tensor, captions: list[str], *, steps: 
         latents, states = tiny_sd.encode_pool(pipe.vae, pipe.text_encoder, pipe.tokenizer,
                                               scene_images.to(pipe.vae.device), list(texts),
                                               generator=generator)
+        if train_text_encoder:      # the states change with the encoder: keep the token ids
+            return latents.cpu(), token_ids(pipe.tokenizer, texts)
         return latents.cpu(), states.cpu()
 
     latents, states = pool(images, captions)
     loss = _base_loss(pipe, caption_dropout)
+    if train_text_encoder:
+        loss = EncodedTextLoss(loss)
     data = (latents, states)
     if prior_weight > 0:
         if len(class_images) != len(class_captions):
@@ -130,11 +139,30 @@ def train_dreambooth(pipe, images: torch.Tensor, captions: list[str], *, steps: 
         raise ValueError("unet must be a copy of pipe.unet, not the pipeline's own")
     if unet is None:            # the whole UNet trains; a caller's copy keeps its own flags
         unet = copy.deepcopy(pipe.unet).requires_grad_(True)   # (LoRA factors: DreamBooth-LoRA)
+    if train_text_encoder:
+        unet = UNetAndText(unet, copy.deepcopy(pipe.text_encoder).requires_grad_(True))
     unet.train()
     result = train(unet, loss, data, steps=steps, batch_size=batch_size, lr=lr,
                    warmup=min(50, steps // 10 + 1), seed=seed, device=device,
                    state_path=state_path, progress=progress, callback=callback)
     return result.ema.eval(), result
+
+
+class UNetAndText(nn.Module):
+    """A UNet and a text encoder trained together (DreamBooth with ``train_text_encoder``)."""
+
+    def __init__(self, unet, text_encoder):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+
+def token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    """The captions' token ids (N, L), padded to the tokenizer's length; longer ones refused."""
+    limit = tokenizer.model_max_length
+    ids = tokenizer(list(captions), padding="max_length", max_length=limit).input_ids
+    if max(map(len, ids)) > limit:
+        raise ValueError(f"captions must fit the tokenizer's {limit} tokens")
+    return torch.tensor(ids)
 
 
 # --- Textual Inversion ---------------------------------------------------------------------------
@@ -227,14 +255,14 @@ class TextualInversion(nn.Module):
             self.vector.copy_(vector)
 
 
-class TextualInversionLoss:
+class EncodedTextLoss:
     """SD's loss with the text states computed from token ids by the model's (partly trained)
-    encoder at every step: batches are (latents, token ids)."""
+    ``text_encoder`` at every step, for its ``unet``: batches are (latents, token ids)."""
 
     def __init__(self, base_loss):
         self.base = base_loss
 
-    def __call__(self, model: TextualInversion, batch, generator=None) -> torch.Tensor:
+    def __call__(self, model, batch, generator=None) -> torch.Tensor:
         latents, ids = batch
         states = model.text_encoder(ids)[0]
         return self.base(model.unet, (latents, states), generator)
@@ -255,13 +283,9 @@ def train_textual_inversion(pipe, images: torch.Tensor, captions: list[str], *, 
     from diffkit.latent import vae as V
 
     latents = V.encode(pipe.vae, images.to(pipe.vae.device), generator=generator).cpu()
-    ids = model.tokenizer(list(captions), padding="max_length",
-                          max_length=model.tokenizer.model_max_length).input_ids
-    if max(map(len, ids)) > model.tokenizer.model_max_length:
-        raise ValueError(f"captions must fit the tokenizer's {model.tokenizer.model_max_length} "
-                         "tokens")
-    loss = TextualInversionLoss(_base_loss(pipe, caption_dropout))
-    result = train(model, loss, (latents, torch.tensor(ids)), steps=steps,
+    ids = token_ids(model.tokenizer, captions)
+    loss = EncodedTextLoss(_base_loss(pipe, caption_dropout))
+    result = train(model, loss, (latents, ids), steps=steps,
                    batch_size=batch_size, lr=lr, warmup=min(50, steps // 10 + 1), seed=seed,
                    device=device or pipe.unet.device, state_path=state_path, progress=progress,
                    callback=callback)
