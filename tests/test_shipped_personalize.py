@@ -39,9 +39,7 @@ def _class_drift(pipe, concept):
 
 def _instance_fidelity(pipe, concept):
     """The report's fidelity figure: the identifier's instance prompts, cycled to n = N."""
-    instances = PP.instance_scenes(concept)
-    prompts = [PP.dreambooth_caption(concept, instances.captions[i % len(instances)])
-               for i in range(N)]
+    prompts = [PP.dreambooth_caption(concept, t) for t in PP.cycled_instances(concept, N).captions]
     drawn = sd_probes.generate(pipe, prompts, steps=20, guidance_scale=3.0,
                                seed=PP.CONCEPT_TEST_SEED)
     return PP.read_as_concept(concept, drawn)

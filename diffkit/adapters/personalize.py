@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from diffkit.latent import sd, tiny_sd
+from diffkit.latent import vae as V
 from diffkit.train import train
 
 EMBEDS_FILE, META_FILE = "learned_embeds.safetensors", "diffkit_token.json"
@@ -115,11 +116,12 @@ def train_dreambooth(pipe, images: torch.Tensor, captions: list[str], *, steps: 
     generator = torch.Generator(pipe.vae.device).manual_seed(seed)
 
     def pool(scene_images, texts):
-        latents, states = tiny_sd.encode_pool(pipe.vae, pipe.text_encoder, pipe.tokenizer,
-                                              scene_images.to(pipe.vae.device), list(texts),
-                                              generator=generator)
+        scene_images = scene_images.to(pipe.vae.device)
         if train_text_encoder:      # the states change with the encoder: keep the token ids
-            return latents.cpu(), token_ids(pipe.tokenizer, texts)
+            latents = V.encode(pipe.vae, scene_images, generator=generator)
+            return latents.cpu(), tiny_sd.token_ids(pipe.tokenizer, texts)
+        latents, states = tiny_sd.encode_pool(pipe.vae, pipe.text_encoder, pipe.tokenizer,
+                                              scene_images, list(texts), generator=generator)
         return latents.cpu(), states.cpu()
 
     latents, states = pool(images, captions)
@@ -154,15 +156,6 @@ class UNetAndText(nn.Module):
     def __init__(self, unet, text_encoder):
         super().__init__()
         self.unet, self.text_encoder = unet, text_encoder
-
-
-def token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
-    """The captions' token ids (N, L), padded to the tokenizer's length; longer ones refused."""
-    limit = tokenizer.model_max_length
-    ids = tokenizer(list(captions), padding="max_length", max_length=limit).input_ids
-    if max(map(len, ids)) > limit:
-        raise ValueError(f"captions must fit the tokenizer's {limit} tokens")
-    return torch.tensor(ids)
 
 
 # --- Textual Inversion ---------------------------------------------------------------------------
@@ -280,10 +273,8 @@ def train_textual_inversion(pipe, images: torch.Tensor, captions: list[str], *, 
         raise ValueError(f"every caption must contain the token {token!r}")
     model = model or TextualInversion(token, init_word, pipe=pipe)
     generator = torch.Generator(pipe.vae.device).manual_seed(seed)
-    from diffkit.latent import vae as V
-
     latents = V.encode(pipe.vae, images.to(pipe.vae.device), generator=generator).cpu()
-    ids = token_ids(model.tokenizer, captions)
+    ids = tiny_sd.token_ids(model.tokenizer, captions)
     loss = EncodedTextLoss(_base_loss(pipe, caption_dropout))
     result = train(model, loss, (latents, ids), steps=steps,
                    batch_size=batch_size, lr=lr, warmup=min(50, steps // 10 + 1), seed=seed,

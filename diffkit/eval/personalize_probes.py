@@ -78,6 +78,12 @@ def instance_scenes(concept: str, n: int = N_INSTANCES):
     return finetune.concept_scenes(concept, n, seed=INSTANCE_SEED, caption_template=0)
 
 
+def cycled_instances(concept: str, n: int):
+    """The instance scenes repeated in turn to n (for n drawings of the instance prompts)."""
+    instances = instance_scenes(concept)
+    return sd_probes.subset(instances, [i % len(instances) for i in range(n)])
+
+
 def class_scenes(concept: str, n: int, *, seed: int):
     """n one-object scenes of the subject's class (full captions)."""
     return make_shapes(n, objects=1, caption_template=0, seed=seed,
@@ -105,8 +111,7 @@ def report(base_pipe, personal_pipe, concept: str, method: str, *, n: int, steps
     settings = dict(steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed)
     vocabulary = finetune.concept_vocabulary()
     key = CONCEPT_KEY[concept]
-    instances = instance_scenes(concept)
-    cycled = sd_probes.subset(instances, [i % len(instances) for i in range(n)])
+    cycled = cycled_instances(concept, n)
     drawn = sd_probes.generate(personal_pipe, [name(concept, t) for t in cycled.captions],
                                **settings)
     out = {"fidelity": judge_accuracy(cycled, drawn, **vocabulary)[key]}

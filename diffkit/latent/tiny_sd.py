@@ -73,17 +73,23 @@ def frozen_parts(root=None, device=None):
     return vae, clip.text_model, clip.tokenizer
 
 
-@torch.no_grad()
-def text_states(text_encoder, tokenizer, captions: list[str], *, batch: int = 1000):
-    """Per-token states (N, L, D) of the captions, padded to the tokenizer's length. A caption
-    longer than that is refused (training on a silently cut caption teaches the wrong words)."""
+def token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    """The captions' token ids (N, L), padded to the tokenizer's length. A caption longer than
+    that is refused (training on a silently cut caption teaches the wrong words)."""
     limit = tokenizer.model_max_length
     pieces = tokenizer(list(captions), padding="max_length", max_length=limit).input_ids
     longest = max(range(len(pieces)), key=lambda i: len(pieces[i]), default=None)
     if longest is not None and len(pieces[longest]) > limit:
         raise ValueError(f"captions must fit the tokenizer's {limit} tokens; "
                          f"{captions[longest]!r} takes {len(pieces[longest])}")
-    ids = torch.tensor(pieces, dtype=torch.long).to(text_encoder.device)
+    return torch.tensor(pieces, dtype=torch.long)
+
+
+@torch.no_grad()
+def text_states(text_encoder, tokenizer, captions: list[str], *, batch: int = 1000):
+    """Per-token states (N, L, D) of the captions (:func:`token_ids`, so a caption longer than
+    the tokenizer's length is refused)."""
+    ids = token_ids(tokenizer, captions).to(text_encoder.device)
     return torch.cat([text_encoder(chunk)[0] for chunk in ids.split(batch)])
 
 

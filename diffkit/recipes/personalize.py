@@ -56,8 +56,7 @@ def _tracer(concept: str, method: str, live_pipe, trace: dict):
     """A training callback: every TRACE_EVERY steps, the instance-prompt fidelity of the live
     weights (``live_pipe()`` builds the pipeline that samples with them)."""
     name = personalize_probes.NAMING[method]
-    instances = personalize_probes.instance_scenes(concept)
-    cycled = sd_probes.subset(instances, [i % len(instances) for i in range(TRACE_N)])
+    cycled = personalize_probes.cycled_instances(concept, TRACE_N)
     prompts = [name(concept, text) for text in cycled.captions]
     key = lora_probes.CONCEPT_KEY[concept]
     clock = {"start": time.perf_counter(), "measuring": 0.0}
